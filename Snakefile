@@ -1,0 +1,23 @@
+# lamda-repro workflow. Smoke reproduction (default config): `snakemake --cores all`.
+# Paper grid on a cluster: `snakemake --profile profiles/slurm --configfile config/paper.yaml`.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The default config is the smoke config. A config given with --configfile replaces it (rather
+# than being merged into it), so that the paper grid does not inherit the smoke experiments.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,137 @@
+"""Command line of the suite: ``lamda-repro <command>``. The Snakemake rules call these."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# Modules that add their own subcommands through ``add_cli(subparsers)``.
+_PLUGIN_MODULES = ("lamda_repro.report_cli", "lamda_repro.bench.cli", "lamda_repro.recursive.cli")
+
+
+def _load_checked(paths):
+    from lamda_repro.config import load_config, validate_config
+
+    return validate_config(load_config(*paths))
+
+
+def cmd_validate(args) -> int:
+    from lamda_repro.config import expand_runs
+
+    cfg = _load_checked(args.config)
+    runs = expand_runs(cfg)
+    print(f"config OK: {len(runs)} fine-tuning run(s) in {len(cfg['experiments'])} experiment(s)")
+    return 0
+
+
+def cmd_list_runs(args) -> int:
+    from lamda_repro.config import expand_runs, record_path
+
+    cfg = _load_checked(args.config)
+    for spec in expand_runs(cfg):
+        print(record_path(cfg["results_dir"], spec.run_id) if args.paths else spec.run_id)
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from lamda_repro.tasks.smoke import write_dataset
+
+    entry = json.loads(args.entry)
+    files = write_dataset(entry, args.out_dir)
+    for split, path in files.items():
+        print(f"wrote {split}: {path}")
+    return 0
+
+
+def cmd_build_model(args) -> int:
+    from lamda_repro.models import build_model
+
+    entry = json.loads(args.entry)
+    path = build_model(args.name, entry, args.workdir, args.data_files, seed=args.seed)
+    print(f"built model {args.name!r} at {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lamda_repro.config import RunSpec
+    from lamda_repro.train import run_finetune
+
+    spec = RunSpec.from_dict(json.loads(args.spec))
+    rec = run_finetune(spec, args.out, workdir=args.workdir, device=args.device,
+                       threads=args.threads, offline=not args.online)
+    if rec["status"] != "success":
+        print(f"run {spec.run_id} FAILED: {rec['error']} (record: {args.out})", file=sys.stderr)
+        return 1 if args.strict else 0
+    pm = rec.get("primary_metric")
+    print(f"run {spec.run_id} done: {pm}={rec['metrics'].get(pm)} "
+          f"trainable={rec['params'].get('trainable')} wall={rec['wall_time_s']}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lamda-repro", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("validate", help="check config files; one line per problem")
+    s.add_argument("config", nargs="+", help="YAML config files (later ones override)")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("list-runs", help="list the fine-tuning runs of a config")
+    s.add_argument("config", nargs="+")
+    s.add_argument("--paths", action="store_true", help="print record paths instead of run ids")
+    s.set_defaults(func=cmd_list_runs)
+
+    s = sub.add_parser("prepare-data", help="write a generated smoke data set as JSONL")
+    s.add_argument("--entry", required=True, help="the data entry of the config, as JSON")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_prepare_data)
+
+    s = sub.add_parser("build-model", help="build a tiny model + tokenizer from a config entry")
+    s.add_argument("--name", required=True)
+    s.add_argument("--entry", required=True, help="the model entry of the config, as JSON")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--data-files", nargs="+", required=True, help="JSONL files to train the tokenizer on")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_build_model)
+
+    s = sub.add_parser("run", help="train and evaluate one run; writes its record")
+    s.add_argument("--spec", required=True, help="the run spec as JSON")
+    s.add_argument("--out", required=True, help="record path")
+    s.add_argument("--workdir", default="work")
+    s.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--online", action="store_true", help="allow Hub downloads")
+    s.add_argument("--strict", action="store_true", help="exit 1 when the run fails")
+    s.set_defaults(func=cmd_run)
+
+    for mod_name in _PLUGIN_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and mod_name.startswith(exc.name):
+                continue  # that part of the suite is not installed
+            raise
+        mod.add_cli(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    from lamda_repro.config import ConfigError
+    from lamda_repro.methods.base import MethodConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, MethodConfigError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

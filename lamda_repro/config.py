@@ -1,0 +1,302 @@
+"""Configuration: loading, validation with one-line errors, and expansion into run specs.
+
+The config is validated in two passes before any job runs:
+1. the JSON schema in ``workflow/schemas/`` (the same file Snakemake validates against);
+2. semantic checks the schema cannot express: references between sections (an experiment
+   naming an unknown method), each method's and task's own parameters, data generators.
+Every problem is reported as one line naming the key and the problem.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
+SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message is one line: '<key path>: <problem>'."""
+
+
+# -- schema checking with readable errors ---------------------------------------------------
+
+def _format_path(where: str, path) -> str:
+    out = where
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<config>"
+
+
+def _describe(error) -> str:
+    v, inst, val = error.validator, error.instance, error.validator_value
+    if v == "additionalProperties" and isinstance(inst, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(k for k in inst if k not in allowed)
+        hint = f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
+        return f"unknown key {extra[0]!r}{hint}" if extra else error.message
+    if v == "required":
+        missing = [k for k in val if isinstance(inst, dict) and k not in inst]
+        return f"missing required key {missing[0]!r}" if missing else error.message
+    if v == "type":
+        return f"expected {val}, got {type(inst).__name__} {inst!r}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
+        return f"must be {op} {val}, got {inst!r}"
+    if v == "enum":
+        return f"must be one of {', '.join(map(str, val))}; got {inst!r}"
+    if v == "minItems":
+        return "must not be empty" if val == 1 else f"needs at least {val} items"
+    if v == "minLength":
+        return "must not be empty"
+    if v == "uniqueItems":
+        return f"has duplicate items: {inst!r}"
+    return error.message.splitlines()[0]
+
+
+def _registry():
+    from referencing import Registry, Resource
+
+    def retrieve(uri: str):
+        path = SCHEMA_DIR / uri.split("/")[-1]
+        return Resource.from_contents(yaml.safe_load(path.read_text()))
+
+    return Registry(retrieve=retrieve)
+
+
+def check_against_schema(data: Any, schema: dict, where: str = "") -> None:
+    """Validate ``data`` against ``schema``; raise ConfigError naming the first problem."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema, registry=_registry())
+    errors = list(validator.iter_errors(data))
+    if not errors:
+        return
+    # Report the deepest error of the first failing location: it names the key most precisely.
+    def depth(e):
+        return len(list(e.absolute_path))
+
+    first = sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), -depth(e)))[0]
+    err = jsonschema.exceptions.best_match([first])
+    while err.context:
+        err = min(err.context, key=lambda e: -depth(e))
+    raise ConfigError(f"{_format_path(where, err.absolute_path)}: {_describe(err)}")
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """Read and merge YAML config files (later files override earlier ones, as Snakemake does)."""
+    config: dict[str, Any] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+        config = _deep_merge(config, data)
+    return config
+
+
+# -- defaults ------------------------------------------------------------------------------
+
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 3,
+    "max_steps": -1,
+    "batch_size": 16,
+    "eval_batch_size": 32,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.0,
+    "lr_scheduler": "linear",
+    "max_length": 128,
+    "max_target_length": 64,
+    "grad_accum": 1,
+    "logging_steps": 10,
+    "save_steps": 0,
+    "precision": "fp32",
+    "max_grad_norm": 1.0,
+}
+GENERATION_DEFAULTS: dict[str, Any] = {"num_beams": 1, "max_new_tokens": 32}
+TOP_DEFAULTS: dict[str, Any] = {
+    "workdir": "work", "results_dir": "results", "offline": True, "device": "auto", "threads": 0,
+    "data": {}, "models": {}, "tasks": {}, "methods": {},
+}
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    for k, v in TOP_DEFAULTS.items():
+        out.setdefault(k, copy.deepcopy(v))
+    return out
+
+
+# -- validation ----------------------------------------------------------------------------
+
+def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None:
+    where = f"models.{name}"
+    need = {"hub": "id", "local": "path", "package": "package", "build": "config"}[entry["source"]]
+    if need not in entry:
+        raise ConfigError(f"{where}: source {entry['source']!r} needs key {need!r}")
+    if entry["source"] == "build":
+        if "model_type" not in entry["config"]:
+            raise ConfigError(f"{where}.config: missing required key 'model_type'")
+        if "tokenizer" not in entry:
+            raise ConfigError(f"{where}: source 'build' needs key 'tokenizer'")
+        if entry["tokenizer"]["data"] not in data:
+            raise ConfigError(
+                f"{where}.tokenizer.data: unknown data set {entry['tokenizer']['data']!r}"
+                f" (defined: {', '.join(sorted(data)) or 'none'})")
+
+
+def _check_refs(where: str, names: list[str], defined: dict, what: str) -> None:
+    for i, n in enumerate(names):
+        if n not in defined:
+            raise ConfigError(f"{where}[{i}]: unknown {what} {n!r} "
+                              f"(defined: {', '.join(sorted(defined)) or 'none'})")
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check the whole config; return it with defaults filled in. Raises ConfigError."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"<config>: top level must be a mapping, got {type(config).__name__}")
+    check_against_schema(config, load_schema())
+    cfg = with_defaults(config)
+
+    from lamda_repro.methods.base import MethodConfigError, get_method_class
+    from lamda_repro.tasks.base import get_task_class
+    from lamda_repro.tasks.smoke import generator_names
+
+    gens = generator_names()
+    for name, entry in cfg["data"].items():
+        if entry["generator"] not in gens:
+            raise ConfigError(f"data.{name}.generator: unknown generator {entry['generator']!r} "
+                              f"(known: {', '.join(gens)})")
+    for name, entry in cfg["models"].items():
+        _check_model(name, entry, cfg["data"])
+    for name, entry in cfg["tasks"].items():
+        try:
+            cls = get_task_class(entry["type"])
+        except MethodConfigError as exc:
+            raise ConfigError(f"tasks.{name}.type: {exc}") from None
+        cls.check_params(entry, f"tasks.{name}")
+        if "data" in entry and entry["data"] not in cfg["data"]:
+            raise ConfigError(f"tasks.{name}.data: unknown data set {entry['data']!r} "
+                              f"(defined: {', '.join(sorted(cfg['data'])) or 'none'})")
+    for name, entry in cfg["methods"].items():
+        try:
+            cls = get_method_class(entry["type"])
+        except MethodConfigError as exc:
+            raise ConfigError(f"methods.{name}.type: {exc}") from None
+        params = {k: v for k, v in entry.items() if k != "training"}
+        cls.check_params(params, f"methods.{name}")
+        if "training" in entry:
+            check_against_schema(entry["training"], {"$ref": "config.schema.yaml#/$defs/training"},
+                                 f"methods.{name}.training")
+    for name, exp in cfg["experiments"].items():
+        where = f"experiments.{name}"
+        _check_refs(f"{where}.models", exp["models"], cfg["models"], "model")
+        _check_refs(f"{where}.tasks", exp["tasks"], cfg["tasks"], "task")
+        _check_refs(f"{where}.methods", exp["methods"], cfg["methods"], "method")
+        kinds = {get_task_class(cfg["tasks"][t]["type"]).task_kind for t in exp["tasks"]}
+        if len(kinds) > 1:
+            raise ConfigError(f"{where}.tasks: mixes task kinds {sorted(kinds)}; "
+                              "one experiment uses one model head (split it in two)")
+    return cfg
+
+
+# -- run specs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning run: everything needed to reproduce it, and nothing else."""
+
+    experiment: str
+    family: str
+    task: str
+    task_params: dict[str, Any]
+    model: str
+    model_params: dict[str, Any]
+    method: str
+    method_type: str
+    method_params: dict[str, Any]
+    seed: int
+    training: dict[str, Any]
+    generation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.experiment}/{self.task}/{self.model}/{self.method}/seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        return cls(**d)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def record_path(results_dir: str, run_id: str) -> str:
+    return f"{results_dir}/runs/{run_id}.json"
+
+
+def expand_runs(config: dict[str, Any]) -> list[RunSpec]:
+    """All fine-tuning runs of a validated config, in a stable order."""
+    from lamda_repro.tasks.base import get_task_class
+
+    cfg = with_defaults(config)
+    base_train = {**TRAINING_DEFAULTS, **cfg.get("training", {})}
+    base_gen = {**GENERATION_DEFAULTS, **cfg.get("generation", {})}
+    runs = []
+    for exp_name, exp in cfg["experiments"].items():
+        for task in exp["tasks"]:
+            tparams = cfg["tasks"][task]
+            family = get_task_class(tparams["type"]).family
+            for model in exp["models"]:
+                for method in exp["methods"]:
+                    mentry = cfg["methods"][method]
+                    training = {**base_train, **exp.get("training", {}), **mentry.get("training", {})}
+                    generation = {**base_gen, **exp.get("generation", {})}
+                    mparams = {k: v for k, v in mentry.items() if k != "training"}
+                    for seed in exp.get("seeds", [0]):
+                        runs.append(RunSpec(
+                            experiment=exp_name, family=family, task=task,
+                            task_params=copy.deepcopy(tparams), model=model,
+                            model_params=copy.deepcopy(cfg["models"][model]),
+                            method=method, method_type=mentry["type"],
+                            method_params=copy.deepcopy(mparams), seed=int(seed),
+                            training=training, generation=generation))
+    return runs

@@ -1,0 +1,1 @@
+"""Fine-tuning methods: full fine-tuning, peft baselines and LaMDA."""

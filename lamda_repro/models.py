@@ -1,0 +1,179 @@
+"""Model loading (Hub id, local folder, Python package) and tiny models built from configs.
+
+Weights are read from safetensors only and ``trust_remote_code`` stays off unless a model
+entry opts in. Tiny smoke models are built once from a transformers config plus a word-level
+tokenizer trained on a generated data set, saved as an artifact folder, and then loaded
+through exactly the same ``from_pretrained`` path as a Hub model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]",
+                  "eos_token": "[EOS]", "mask_token": "[MASK]", "cls_token": "[CLS]",
+                  "sep_token": "[SEP]"}
+ENCODER_DECODER_TYPES = {"bart", "t5", "mbart", "marian", "pegasus"}
+ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta"}
+
+
+class ModelSourceError(ValueError):
+    """A model entry points at nothing loadable."""
+
+
+def package_model_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"model package {package!r} is not installed "
+                               f"(pip install {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise ModelSourceError(f"model package {package!r} has no model/config.json")
+    return path
+
+
+def built_model_dir(workdir: str, name: str) -> Path:
+    return Path(workdir) / "models" / name
+
+
+def resolve_model_source(entry: dict[str, Any], name: str, workdir: str) -> tuple[str, dict[str, Any]]:
+    """Return (path or hub id, extra from_pretrained kwargs) for a model config entry."""
+    src = entry["source"]
+    if src == "hub":
+        kw = {"revision": entry["revision"]} if "revision" in entry else {}
+        return entry["id"], kw
+    if src == "local":
+        path = Path(entry["path"])
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"models.{name}.path: no config.json in {path}")
+        return str(path), {}
+    if src == "package":
+        return str(package_model_dir(entry["package"])), {}
+    if src == "build":
+        path = built_model_dir(workdir, name)
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"model {name!r} is not built yet: run `lamda-repro build-model` "
+                                   f"(expected {path})")
+        return str(path), {}
+    raise ModelSourceError(f"models.{name}.source: unknown source {src!r}")
+
+
+def auto_class(task_kind: str):
+    import transformers
+
+    return {
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task_kind]
+
+
+def load_tokenizer(entry: dict[str, Any], name: str, workdir: str):
+    from transformers import AutoTokenizer
+
+    path, kw = resolve_model_source(entry, name, workdir)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=entry.get("trust_remote_code", False), **kw)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # GPT-2 / Llama ship no pad token
+    return tok
+
+
+def load_model(entry: dict[str, Any], name: str, workdir: str, task_kind: str,
+               num_labels: int | None = None):
+    """Load (model, tokenizer) for a task kind; seq-cls gets a fresh head of ``num_labels``."""
+    import torch
+
+    path, kw = resolve_model_source(entry, name, workdir)
+    tok = load_tokenizer(entry, name, workdir)
+    kwargs: dict[str, Any] = dict(kw)
+    kwargs["trust_remote_code"] = entry.get("trust_remote_code", False)
+    kwargs["use_safetensors"] = True
+    kwargs["dtype"] = getattr(torch, entry.get("dtype", "float32"))
+    if task_kind == "seq-cls":
+        kwargs["num_labels"] = num_labels
+        if num_labels == 1:
+            kwargs["problem_type"] = "regression"
+    model = auto_class(task_kind).from_pretrained(path, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# -- tiny models built from configs ----------------------------------------------------------
+
+def _texts_of(rows: list[dict[str, Any]]):
+    for r in rows:
+        for v in r.values():
+            if isinstance(v, str):
+                yield v
+            elif isinstance(v, list):
+                yield from (x for x in v if isinstance(x, str))
+
+
+def build_word_tokenizer(texts, vocab_size: int, model_type: str):
+    """A lower-casing word-level tokenizer with the suite's special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = list(SPECIAL_TOKENS.values())
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1)
+    tk.train_from_iterator(texts, trainer=trainer)
+    if model_type in ENCODER_TYPES:
+        cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    elif model_type in ENCODER_DECODER_TYPES:
+        bos_id, eos_id = tk.token_to_id("[BOS]"), tk.token_to_id("[EOS]")
+        tk.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B [EOS]",
+            special_tokens=[("[BOS]", bos_id), ("[EOS]", eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIAL_TOKENS)
+
+
+def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list[str], seed: int = 0) -> Path:
+    """Build a tiny randomly initialised model + tokenizer and save them as an artifact."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    rows = []
+    for f in data_files:
+        with open(f) as fh:
+            rows.extend(json.loads(line) for line in fh if line.strip())
+    model_cfg = dict(entry["config"])
+    model_type = model_cfg.pop("model_type")
+    tok = build_word_tokenizer(_texts_of(rows), entry["tokenizer"].get("vocab_size", 2000), model_type)
+    ids = {k.replace("_token", "_token_id"): tok.convert_tokens_to_ids(v) for k, v in SPECIAL_TOKENS.items()}
+    cfg_kwargs = {"vocab_size": len(tok), "pad_token_id": ids["pad_token_id"],
+                  "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}
+    if model_type in ENCODER_DECODER_TYPES:
+        cfg_kwargs["decoder_start_token_id"] = ids["bos_token_id"]
+        cfg_kwargs["forced_eos_token_id"] = ids["eos_token_id"]
+    cfg_kwargs.update(model_cfg)
+    config = AutoConfig.for_model(model_type, **cfg_kwargs)
+    torch.manual_seed(seed)
+    if model_type in ENCODER_DECODER_TYPES:
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    elif model_type in ENCODER_TYPES:
+        model = AutoModel.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    out = built_model_dir(workdir, name)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,221 @@
+"""One fine-tuning run, from spec to record.
+
+config entry -> RunSpec -> load model -> apply method -> load task data -> train (with the
+method's callbacks) -> evaluate -> measure -> one JSON record written atomically.
+
+Training uses the transformers ``Trainer`` (seeded, progress bar, periodic checkpoints and
+logs) with one small subclass that checks every step's loss for NaN/inf and counts real
+tokens. The method decides what trains (``apply``), may bring callbacks (e.g. LaMDA's freeze
+schedule) and its own optimizer (e.g. LoRA-FA); ``UpdateCounter`` counts parameter updates.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lamda_repro.config import RunSpec
+from lamda_repro.results import new_record, utc_now, write_record
+
+log = logging.getLogger("lamda_repro.train")
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE")
+
+
+def set_offline(offline: bool) -> None:
+    if offline:
+        for v in OFFLINE_VARS:
+            os.environ[v] = "1"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but no CUDA device is available")
+    return device
+
+
+def task_for_spec(spec: RunSpec, workdir: str):
+    from lamda_repro.tasks.base import get_task_class
+    from lamda_repro.tasks.smoke import dataset_files
+
+    params = spec.task_params
+    data_files = None
+    if "data" in params:
+        data_files = dataset_files(workdir, params["data"])
+    elif "data_files" in params:
+        data_files = dict(params["data_files"])
+    task_params = {k: v for k, v in params.items() if k not in ("data", "data_files")}
+    for key in ("max_train_samples", "max_eval_samples"):
+        if key in spec.training and key not in task_params:
+            task_params[key] = spec.training[key]
+    return get_task_class(params["type"])(spec.task, task_params, data_files)
+
+
+def _total_steps(n_train: int, tr: dict[str, Any]) -> int:
+    """Optimizer steps of the run, as the Trainer will count them."""
+    if tr.get("max_steps", -1) > 0:
+        return int(tr["max_steps"])
+    updates_per_epoch = max(1, math.ceil(math.ceil(n_train / tr["batch_size"]) / tr["grad_accum"]))
+    return max(1, math.ceil(updates_per_epoch * tr["epochs"]))
+
+
+def _make_trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class SuiteTrainer(Trainer):
+        """Trainer that fails loudly on a non-finite loss and counts real tokens per batch."""
+
+        token_counter = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.token_counter is not None:
+                self.token_counter.count_batch(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}")
+            return loss
+
+    return SuiteTrainer
+
+
+def run_finetune(spec: RunSpec, out_path: str | Path, workdir: str = "work", device: str = "auto",
+                 threads: int = 0, offline: bool = True, checkpoint_dir: str | None = None) -> dict[str, Any]:
+    """Train and evaluate one run; always writes a record (status success or failed)."""
+    record = new_record(spec.run_id, "finetune", spec.to_dict())
+    t_start = time.perf_counter()
+    try:
+        _run(spec, record, workdir, device, threads, offline, checkpoint_dir)
+        record["status"] = "success"
+    except Exception as exc:  # the record keeps the failure; the caller decides the exit code
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
+    record["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+    record["finished_at"] = utc_now()
+    write_record(out_path, record)
+    return record
+
+
+def _run(spec: RunSpec, record: dict[str, Any], workdir: str, device: str, threads: int,
+         offline: bool, checkpoint_dir: str | None) -> None:
+    set_offline(offline)
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from lamda_repro import measure
+    from lamda_repro.methods.base import MethodContext, build_method
+    from lamda_repro.models import load_model
+
+    measure.set_threads(threads)
+    device = resolve_device(device)
+    tr = spec.training
+    set_seed(spec.seed)
+
+    task = task_for_spec(spec, workdir)
+    raw = task.load_splits()
+    num_labels = task.num_labels if task.task_kind == "seq-cls" else None
+    model, tok = load_model(spec.model_params, spec.model, workdir, task.task_kind, num_labels)
+    tokenized = {
+        split: task.tokenize(ds, tok, tr["max_length"]) for split, ds in raw.items()
+    }
+    total_steps = _total_steps(len(tokenized["train"]), tr)
+    method = build_method(spec.method_params)
+    ctx = MethodContext(task_kind=task.task_kind, model_type=model.config.model_type,
+                        total_steps=total_steps)
+    record["params"]["base_total"] = measure.count_parameters(model)["total"]
+    model = method.apply(model, ctx)
+    model.to(device)
+    record["params"].update(measure.count_parameters(model))
+    record["primary_metric"] = task.primary_metric
+
+    collator = task.data_collator(tok, model)
+    # Exact activation memory of one training step on the first batch, before training.
+    first = collator([tokenized["train"][i] for i in range(min(tr["batch_size"], len(tokenized["train"])))])
+    first = {k: v.to(device) for k, v in first.items()}
+    model.train()
+    saved = measure.saved_for_backward_bytes(lambda: model(**first).loss, model)
+    grads = measure.memory_breakdown(model)["grad_bytes"]
+    model.zero_grad(set_to_none=True)
+    set_seed(spec.seed)
+
+    updates = measure.UpdateCounter(method.updated_elements)
+    tokens = measure.TokenCounter()
+    precision = tr.get("precision", "fp32")
+    args = TrainingArguments(
+        output_dir=checkpoint_dir or str(Path(workdir) / "checkpoints" / spec.run_id),
+        seed=spec.seed,
+        data_seed=spec.seed,
+        num_train_epochs=tr["epochs"],
+        max_steps=tr.get("max_steps", -1) or -1,
+        per_device_train_batch_size=tr["batch_size"],
+        per_device_eval_batch_size=tr["eval_batch_size"],
+        gradient_accumulation_steps=tr["grad_accum"],
+        learning_rate=tr["lr"],
+        weight_decay=tr["weight_decay"],
+        warmup_steps=float(tr["warmup_ratio"]) if tr["warmup_ratio"] < 1 else 0,
+        lr_scheduler_type=tr["lr_scheduler"],
+        max_grad_norm=tr["max_grad_norm"],
+        logging_steps=tr["logging_steps"],
+        save_strategy="steps" if tr["save_steps"] > 0 else "no",
+        save_steps=tr["save_steps"] if tr["save_steps"] > 0 else 500,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    optimizer = method.create_optimizer(model, tr["lr"], tr["weight_decay"], ctx)
+    trainer_cls = _make_trainer_class()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=tokenized["train"], data_collator=collator,
+        processing_class=tok, callbacks=[updates, tokens, *method.callbacks(model, ctx)],
+        optimizers=(optimizer, None) if optimizer is not None else (None, None),
+    )
+    trainer.token_counter = tokens
+    with measure.PeakMemory(device) as peak:
+        train_out = trainer.train()
+    breakdown = measure.memory_breakdown(model, trainer.optimizer)
+    breakdown["grad_bytes"] = grads
+    breakdown["saved_for_backward_bytes"] = saved
+    breakdown["train_state_bytes"] = sum(breakdown.values())
+    record["memory"] = {**peak.result(), **breakdown}
+    record["parameter_updates"] = updates.total
+    record["params"]["trainable_after_training"] = measure.count_parameters(model)["trainable"]
+    record["method_info"] = method.record_info(model)
+
+    t_eval = time.perf_counter()
+    metrics: dict[str, float] = {"train_loss": float(train_out.training_loss)}
+    for split in tokenized:
+        if not split.startswith("eval"):
+            continue
+        suffix = split[len("eval"):]
+        m = task.evaluate(model, tok, raw[split], tokenized[split], tr["eval_batch_size"], spec.generation)
+        metrics.update({f"{k}{suffix}": float(v) for k, v in m.items()})
+    eval_time = time.perf_counter() - t_eval
+    for k, v in metrics.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"metric {k} is not finite ({v})")
+    record["metrics"] = metrics
+    train_time = tokens.train_time_s or float(train_out.metrics.get("train_runtime", 0.0))
+    record["throughput"] = {
+        "train_steps": int(trainer.state.global_step),
+        "train_time_s": round(train_time, 3),
+        "train_samples_per_s": round(tokens.samples / train_time, 3) if train_time else None,
+        "train_tokens_per_s": round(tokens.tokens / train_time, 3) if train_time else None,
+        "train_tokens": tokens.tokens,
+        "eval_time_s": round(eval_time, 3),
+    }

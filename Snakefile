@@ -14,6 +14,8 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/recursive.smk"
+include: "workflow/rules/bench.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -21,3 +23,4 @@ rule all:
     default_target: True
     input:
         all_targets(),
+    localrule: True

@@ -35,7 +35,7 @@ def _format_path(where: str, path) -> str:
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
-    return out or "<config>"
+    return out or "config"
 
 
 def _describe(error) -> str:

@@ -16,7 +16,6 @@ validate(config, "../schemas/config.schema.yaml")
 WORKDIR = CFG["workdir"]
 RESULTS = CFG["results_dir"]
 RUNS = {spec.run_id: spec for spec in expand_runs(CFG)}
-SLURM = CFG.get("slurm", {})
 
 # Optional stages add their targets here.
 EXTRA_TARGETS = []

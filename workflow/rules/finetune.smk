@@ -42,10 +42,6 @@ rule finetune:
         device=CFG["device"],
         offline="" if CFG["offline"] else "--online",
     threads: max(1, CFG["threads"])
-    resources:
-        gpu=SLURM.get("gpus_per_run", 0),
-        mem_mb=SLURM.get("mem_mb_per_run", 8000),
-        runtime=SLURM.get("runtime_min_per_run", 60),
     log:
         "logs/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
     conda:

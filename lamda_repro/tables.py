@@ -1,0 +1,492 @@
+"""Paper-style tables from run records: pure functions records -> pandas DataFrames, and writers.
+
+The numbers flow in three steps, each a pure function:
+
+1. ``finetune_frame(records)``: one row per fine-tuning record (the tidy form, also written as
+   ``runs.csv``);
+2. ``cell_summary(frame)``: one row per (experiment, family, task, model, method) with the seed
+   mean / std of the primary metric, the seed counts and the measurements;
+3. ``family_table`` / ``measurements_table``: display tables of strings.
+
+Recursive records have their own table (lamda_repro/recursive/report.py); the claims
+ledger (lamda_repro/claims.py) reads both kinds.
+
+Display rules: a cell with any failed seed shows ``failed`` (never a number), a cell without a
+record shows ``—``, a paper number that the reference file does not hold shows ``n/a``.
+Accuracy-type metrics are shown in percent points, as the papers print them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from lamda_repro.results import write_text_atomic
+
+FINETUNE_FAMILIES = ("nlu", "summarization", "generation", "reasoning")
+FAMILY_TITLES = {
+    "nlu": "Natural language understanding (GLUE)",
+    "summarization": "Summarization",
+    "generation": "Natural language generation",
+    "reasoning": "Complex reasoning",
+}
+MISSING = "—"
+FAILED = "failed"
+UNKNOWN_PAPER = "n/a"
+SUITE_ROW = "this suite"
+PAPER_ROW = "paper"
+
+# Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them).
+PERCENT_METRICS = frozenset({
+    "accuracy", "acc", "f1", "matthews_correlation", "mcc", "pearson", "spearmanr", "spearman",
+    "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "em", "avg_accuracy",
+})
+LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "eval_loss", "loss", "word_perplexity"})
+_METHOD_TYPE_ORDER = ("full", "lora", "lora_fa", "lorafa", "pissa", "dora", "adalora", "vera")
+
+
+class TableInputError(ValueError):
+    """Records or reference data that a table cannot be built from."""
+
+
+def is_lamda_type(method_type: str | None) -> bool:
+    """LaMDA and LaMDA++ method types (``lamda``, ``lamda_pp``, ``lamdapp``, ...)."""
+    return bool(method_type) and str(method_type).lower().startswith("lamda")
+
+
+def higher_is_better(metric: str | None) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def display_scale(metric: str | None) -> float:
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
+# --- step 1: tidy frame ---------------------------------------------------------------------
+
+FRAME_COLUMNS = (
+    "run_id", "experiment", "family", "task", "model", "method", "method_type", "rank", "seed",
+    "status", "error", "primary_metric", "score", "trainable", "trainable_end", "total",
+    "parameter_updates",
+    "peak_bytes", "peak_kind", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+    "saved_for_backward_bytes", "train_state_bytes", "train_samples_per_s", "train_tokens_per_s",
+    "wall_time_s", "scale",
+)
+
+
+def _number(value: Any) -> float:
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan
+
+
+def method_rank(spec: dict[str, Any]) -> float:
+    """The method's rank ``r`` from its config entry (NaN for rank-free methods such as full FT)."""
+    params = spec.get("method_params") or {}
+    return _number(params.get("r", params.get("rank")))
+
+
+def record_scale(spec: dict[str, Any], paper_models: Iterable[str] = ()) -> str:
+    """``paper`` or ``smoke``.
+
+    ``spec.scale`` wins when the runner set it; otherwise a run is paper scale when its model
+    entry (``spec.model_params`` of fine-tuning runs, ``spec.model`` of recursive runs) names
+    one of ``paper_models`` (e.g. ``id: microsoft/deberta-v3-base``), else smoke scale.
+    """
+    scale = spec.get("scale")
+    if scale:
+        return str(scale)
+    names = set(paper_models)
+    for entry in (spec.get("model_params"), spec.get("model")):
+        if isinstance(entry, dict) and any(isinstance(v, str) and v in names
+                                           for v in entry.values()):
+            return "paper"
+    return "smoke"
+
+
+def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str] = ()
+                   ) -> pd.DataFrame:
+    """One row per fine-tuning record (other kinds skipped); numbers as floats, NaN = absent."""
+    rows, paper_models = [], tuple(paper_models)
+    for rec in records:
+        if rec.get("kind") != "finetune":
+            continue
+        spec = rec.get("spec")
+        if not isinstance(spec, dict):
+            raise TableInputError(f"record {rec.get('run_id')!r} has no spec object")
+        for key in ("experiment", "family", "task", "model", "method"):
+            if not spec.get(key):
+                raise TableInputError(f"record {rec.get('run_id')!r}: spec lacks {key!r}")
+        metrics = rec.get("metrics") or {}
+        memory = rec.get("memory") or {}
+        params = rec.get("params") or {}
+        throughput = rec.get("throughput") or {}
+        primary = rec.get("primary_metric")
+        success = rec.get("status") == "success"
+        rows.append({
+            "run_id": rec.get("run_id"),
+            "experiment": str(spec["experiment"]),
+            "family": str(spec["family"]),
+            "task": str(spec["task"]),
+            "model": str(spec["model"]),
+            "method": str(spec["method"]),
+            "method_type": str(spec.get("method_type") or ""),
+            "rank": method_rank(spec),
+            "seed": _number(spec.get("seed")),
+            "status": "success" if success else "failed",
+            "error": rec.get("error") or "",
+            "primary_metric": primary or "",
+            "score": _number(metrics.get(primary)) if (success and primary) else math.nan,
+            "trainable": _number(params.get("trainable")),
+            "trainable_end": _number(params.get("trainable_after_training",
+                                                params.get("trainable"))),
+            "total": _number(params.get("total")),
+            "parameter_updates": _number(rec.get("parameter_updates")),
+            "peak_bytes": _number(memory.get("peak_bytes")),
+            "peak_kind": str(memory.get("peak_kind") or ""),
+            "param_bytes": _number(memory.get("param_bytes")),
+            "grad_bytes": _number(memory.get("grad_bytes")),
+            "optimizer_state_bytes": _number(memory.get("optimizer_state_bytes")),
+            "saved_for_backward_bytes": _number(memory.get("saved_for_backward_bytes")),
+            "train_state_bytes": _number(memory.get("train_state_bytes")),
+            "train_samples_per_s": _number(throughput.get("train_samples_per_s")),
+            "train_tokens_per_s": _number(throughput.get("train_tokens_per_s")),
+            "wall_time_s": _number(rec.get("wall_time_s")),
+            "scale": record_scale(spec, paper_models),
+        })
+    frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+    return frame.sort_values(["experiment", "family", "task", "model", "method", "seed"],
+                             kind="stable").reset_index(drop=True)
+
+
+# --- step 2: per-cell summary ---------------------------------------------------------------
+
+CELL_KEYS = ["experiment", "family", "task", "model", "method"]
+_MEASURES = ("trainable", "trainable_end", "total", "parameter_updates", "peak_bytes",
+             "train_state_bytes", "saved_for_backward_bytes", "optimizer_state_bytes", "train_samples_per_s",
+             "train_tokens_per_s", "wall_time_s")
+
+
+def _mean(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.mean()) if len(values) else math.nan
+
+
+def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Seed statistics per (experiment, family, task, model, method).
+
+    ``mean``/``std`` are over successful seeds (std is NaN for a single seed, sample std
+    otherwise); measurements are seed means over successful runs.
+    """
+    out = []
+    for key, group in frame.groupby(CELL_KEYS, sort=True):
+        ok = group[group["status"] == "success"]
+        scores = ok["score"].dropna()
+        row = dict(zip(CELL_KEYS, key))
+        row.update({
+            "method_type": group["method_type"].iloc[0],
+            "rank": group["rank"].iloc[0],
+            "primary_metric": next((m for m in group["primary_metric"] if m), ""),
+            "n_seeds": int(len(group)),
+            "n_failed": int((group["status"] != "success").sum()),
+            "mean": float(scores.mean()) if len(scores) else math.nan,
+            "std": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
+            "scale": group["scale"].iloc[0],
+            "peak_kind": next((k for k in ok["peak_kind"] if k), ""),
+        })
+        for measure in _MEASURES:
+            row[measure] = _mean(ok[measure])
+        out.append(row)
+    columns = CELL_KEYS + ["method_type", "rank", "primary_metric", "n_seeds", "n_failed", "mean",
+                           "std", "scale", "peak_kind", *_MEASURES]
+    return pd.DataFrame(out, columns=columns)
+
+
+def lora_reference(cells: pd.DataFrame, row: pd.Series) -> pd.Series | None:
+    """The LoRA cell at the same experiment/task/model and rank as ``row`` (None if absent)."""
+    if math.isnan(row["rank"]):
+        return None
+    same = cells[(cells["experiment"] == row["experiment"]) & (cells["task"] == row["task"])
+                 & (cells["model"] == row["model"]) & (cells["method_type"] == "lora")
+                 & (cells["rank"] == row["rank"]) & (cells["n_failed"] == 0)]
+    return None if same.empty else same.iloc[0]
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when either is absent or the denominator is not positive."""
+    if math.isnan(numerator) or math.isnan(denominator) or denominator <= 0:
+        return math.nan
+    return numerator / denominator
+
+
+def lora_ratios(cells: pd.DataFrame) -> pd.DataFrame:
+    """Add the LoRA / this ratios ``updates_lora_ratio``, ``train_state_lora_ratio`` and
+    ``saved_lora_ratio`` (NaN without a LoRA cell at equal rank)."""
+    cells = cells.copy()
+    for name, measure in (("updates_lora_ratio", "parameter_updates"),
+                          ("train_state_lora_ratio", "train_state_bytes"),
+                          ("saved_lora_ratio", "saved_for_backward_bytes")):
+        values = []
+        for _, row in cells.iterrows():
+            ref = lora_reference(cells, row)
+            values.append(math.nan if ref is None or row["n_failed"]
+                          else ratio(ref[measure], row[measure]))
+        cells[name] = values
+    return cells
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+def format_count(value: float) -> str:
+    """Parameter counts: 917.5K, 1.23M, 1.98B; plain below 1000."""
+    if value is None or math.isnan(value):
+        return MISSING
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= div:
+            return f"{value / div:.2f}{suffix}"
+    return f"{int(round(value))}"
+
+
+def format_bytes(value: float) -> str:
+    """Bytes in binary units (KiB / MiB / GiB) with two decimals."""
+    if value is None or math.isnan(value):
+        return MISSING
+    for div, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(value) >= div:
+            return f"{value / div:.2f} {suffix}"
+    return f"{int(round(value))} B"
+
+
+def format_metric(value: float, metric: str | None) -> str:
+    if value is None or math.isnan(value):
+        return MISSING
+    scaled = value * display_scale(metric)
+    return f"{scaled:.2f}" if (metric in PERCENT_METRICS or abs(scaled) >= 10) else f"{scaled:.4f}"
+
+
+def format_score(mean: float, std: float, metric: str | None) -> str:
+    """``mean ± std`` (std omitted when NaN, i.e. for one seed)."""
+    text = format_metric(mean, metric)
+    if text == MISSING or std is None or math.isnan(std):
+        return text
+    return f"{text} ± {format_metric(std, metric)}"
+
+
+def format_ratio(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.2f}x"
+
+
+def format_seconds(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.1f} s"
+
+
+def format_rate(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _format_range(values: pd.Series, formatter) -> str:
+    values = values.dropna()
+    if values.empty:
+        return MISSING
+    low, high = formatter(values.min()), formatter(values.max())
+    return low if low == high else f"{low}–{high}"
+
+
+def _method_sort_key(method: str, method_type: str) -> tuple:
+    if is_lamda_type(method_type):
+        return (2, 0, method_type, method)
+    if method_type in _METHOD_TYPE_ORDER:
+        return (0, _METHOD_TYPE_ORDER.index(method_type), "", method)
+    return (1, 0, method_type, method)
+
+
+def cell_text(cell: pd.Series | None) -> str:
+    """What a task cell shows: failed / — / mean ± std."""
+    if cell is None:
+        return MISSING
+    if cell["n_failed"]:
+        total = cell["n_seeds"]
+        return FAILED if total == 1 else f"{FAILED} ({cell['n_failed']} of {total} seeds)"
+    return format_score(cell["mean"], cell["std"], cell["primary_metric"])
+
+
+def row_average(cells: list[pd.Series | None]) -> float:
+    """Mean of the task means of one table row (higher-is-better metrics only, in display units).
+
+    NaN unless every task of the row has a successful result, so that a partial average never
+    poses as a full one.
+    """
+    values = []
+    for cell in cells:
+        if cell is None or cell["n_failed"] or math.isnan(cell["mean"]):
+            return math.nan
+        if higher_is_better(cell["primary_metric"]):
+            values.append(cell["mean"] * display_scale(cell["primary_metric"]))
+    return float(np.mean(values)) if values else math.nan
+
+
+# --- step 3: display tables -----------------------------------------------------------------
+
+def no_runs_table(what: str) -> pd.DataFrame:
+    return pd.DataFrame({"status": [f"no runs yet ({what})"]})
+
+
+def task_metric(cells: pd.DataFrame, task: str) -> str:
+    """The primary metric of a task: the one successful runs report (any run's as a fallback)."""
+    mine = cells[cells["task"] == task]
+    ordered = [*mine[mine["n_failed"] == 0]["primary_metric"], *mine["primary_metric"]]
+    return next((m for m in ordered if m), "")
+
+
+def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFrame:
+    """The paper-style table of one family: rows = methods, columns = tasks (+ avg).
+
+    Every method row is followed by a ``paper`` row holding the reference numbers of the same
+    family/task/model/method/metric, ``n/a`` where the reference file has none.
+    """
+    cells = cells[cells["family"] == family]
+    if cells.empty:
+        return no_runs_table(family)
+    tasks = sorted(cells["task"].unique())
+    metrics = {t: task_metric(cells, t) for t in tasks}
+    task_columns = [f"{t} ({metrics[t]})" if metrics[t] else t for t in tasks]
+    rows = []
+    for (experiment, model), group in cells.groupby(["experiment", "model"], sort=True):
+        methods = group[["method", "method_type"]].drop_duplicates()
+        order = sorted(methods.itertuples(index=False),
+                       key=lambda m: _method_sort_key(m.method, m.method_type))
+        for method, _ in order:
+            mine = group[group["method"] == method]
+            by_task = {t: (mine[mine["task"] == t].iloc[0] if (mine["task"] == t).any() else None)
+                       for t in tasks}
+            ok = mine[mine["n_failed"] == 0]
+            row = {
+                "experiment": experiment, "model": model, "method": method, "row": SUITE_ROW,
+                "trainable params": _format_range(ok["trainable"], format_count),
+                "peak memory": _format_range(ok["peak_bytes"], format_bytes),
+                "train state": _format_range(ok["train_state_bytes"], format_bytes),
+            }
+            if ok.empty and len(mine):
+                row.update({"trainable params": FAILED, "peak memory": FAILED,
+                            "train state": FAILED})
+            for t, column in zip(tasks, task_columns):
+                row[column] = cell_text(by_task[t])
+            avg = row_average([by_task[t] for t in tasks])
+            row["avg"] = MISSING if math.isnan(avg) else f"{avg:.2f}"
+            rows.append(row)
+            paper = {"experiment": experiment, "model": model, "method": method, "row": PAPER_ROW,
+                     "trainable params": "", "peak memory": "", "train state": ""}
+            paper_values = []
+            for t, column in zip(tasks, task_columns):
+                value = None if reference is None else reference.table_value(
+                    family=family, task=t, model=model, method=method, metric=metrics[t])
+                paper[column] = UNKNOWN_PAPER if value is None else f"{value:.2f}"
+                paper_values.append(value)
+            known = [v for v, t in zip(paper_values, tasks)
+                     if v is not None and higher_is_better(metrics[t])]
+            complete = all(v is not None for v in paper_values) and known
+            paper["avg"] = f"{float(np.mean(known)):.2f}" if complete else UNKNOWN_PAPER
+            rows.append(paper)
+    columns = ["experiment", "model", "method", "row", "trainable params", "peak memory",
+               "train state", *task_columns, "avg"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def measurements_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per (experiment, family, task, model, method): counts, memory, speed, ratios."""
+    if cells.empty:
+        return no_runs_table("fine-tuning")
+    cells = lora_ratios(cells)
+    rows = []
+    ordered = sorted(cells.itertuples(index=False),
+                     key=lambda c: (c.experiment, c.family, c.model, c.task,
+                                    _method_sort_key(c.method, c.method_type)))
+    for c in ordered:
+        failed = c.n_failed and c.n_failed == c.n_seeds
+        row = {
+            "experiment": c.experiment, "family": c.family, "model": c.model, "task": c.task,
+            "method": c.method,
+            "rank": MISSING if math.isnan(c.rank) else str(int(c.rank)),
+            "seeds": f"{c.n_seeds - c.n_failed}/{c.n_seeds}",
+            "trainable": format_count(c.trainable),
+            "trainable (end)": format_count(c.trainable_end),
+            "parameter updates": format_count(c.parameter_updates),
+            "updates LoRA/this": format_ratio(c.updates_lora_ratio),
+            "train state": format_bytes(c.train_state_bytes),
+            "train state LoRA/this": format_ratio(c.train_state_lora_ratio),
+            "saved for backward": format_bytes(c.saved_for_backward_bytes),
+            "saved LoRA/this": format_ratio(c.saved_lora_ratio),
+            "peak memory": format_bytes(c.peak_bytes),
+            "samples/s": format_rate(c.train_samples_per_s),
+            "wall time": format_seconds(c.wall_time_s),
+        }
+        if failed:
+            row.update({k: FAILED for k in row if k not in
+                        ("experiment", "family", "model", "task", "method", "rank", "seeds")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- writers --------------------------------------------------------------------------------
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no external dependency, stable output)."""
+    header = "| " + " | ".join(_md_escape(c) for c in table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(_md_escape(v) for v in row) + " |"
+            for row in table.astype(str).itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "±": r"$\pm$", "—": "---", "–": "--"}
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
+
+
+def latex_escape(text: Any) -> str:
+    return _LATEX_RE.sub(lambda m: _LATEX_SPECIAL[m.group(0)], str(text))
+
+
+def to_latex(table: pd.DataFrame, caption: str | None = None, label: str | None = None) -> str:
+    """A booktabs tabular (``\\toprule``/``\\midrule``/``\\bottomrule``) of the display table."""
+    escaped = table.astype(str).map(latex_escape)
+    escaped.columns = [latex_escape(c) for c in table.columns]
+    body = escaped.style.hide(axis="index").to_latex(
+        hrules=True, column_format="l" * len(table.columns))
+    if caption is None and label is None:
+        return body
+    lines = ["\\begin{table}[t]", "\\centering", "\\small"]
+    if caption:
+        lines.append(f"\\caption{{{latex_escape(caption)}}}")
+    if label:
+        lines.append(f"\\label{{{label}}}")
+    return "\n".join(lines) + "\n" + body + "\\end{table}\n"
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False, lineterminator="\n")
+
+
+def write_table(table: pd.DataFrame, stem, title: str, notes: Iterable[str] = ()) -> list[str]:
+    """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv``; return the paths written."""
+    from pathlib import Path
+
+    stem = Path(stem)
+    md = f"# {title}\n\n" + "".join(f"{n}\n\n" for n in notes) + to_markdown(table)
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
+    write_text_atomic(paths[0], md)
+    write_text_atomic(paths[1], to_latex(table, caption=title, label=f"tab:{stem.name}"))
+    write_text_atomic(paths[2], to_csv(table))
+    return [str(p) for p in paths]

@@ -1,0 +1,327 @@
+"""The reference file, the claims rules and verdicts, and `lamda-repro aggregate` end to end."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from lamda_repro import claims
+from lamda_repro.report_cli import (AggregateError, add_cli, aggregate, aggregate_outputs,
+                                    parse_families)
+from lamda_repro.results import write_record
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "papers.yaml"
+
+
+def finetune(method, method_type, updates, r=8, score=0.9, saved=4000, state=9000, scale=None,
+             status="success", peak_kind="cpu_rss", peak=2 ** 20, task="sst2"):
+    spec = {"experiment": "nlu", "family": "nlu", "task": task, "model": "m", "method": method,
+            "method_type": method_type, "method_params": {"r": r}, "seed": 0}
+    if scale:
+        spec["scale"] = scale
+    return {"run_id": f"nlu/{task}/m/{method}/seed0", "kind": "finetune", "spec": spec,
+            "status": status, "metrics": {"accuracy": score}, "primary_metric": "accuracy",
+            "params": {"trainable": updates, "trainable_after_training": updates // 2},
+            "parameter_updates": updates,
+            "memory": {"saved_for_backward_bytes": saved, "train_state_bytes": state,
+                       "peak_bytes": peak, "peak_kind": peak_kind}}
+
+
+def recursive(variant, acc=None, rank=None, speedup=None, non_embedding=None, base="tiny",
+              path=None, name=None, status="success"):
+    """A record as lamda_repro/recursive/runner.py writes it (only the fields the rules read)."""
+    run = {"name": name or f"{variant}{rank or ''}", "model": base, "variant": variant,
+           "num_loops": 2, "lora_rank": rank}
+    metrics = {k: v for k, v in (("average", acc), ("throughput_speedup", speedup))
+               if v is not None}
+    params = {"non_embedding": non_embedding, "non_embedding_base": 1000} if non_embedding else {}
+    return {"run_id": f"{base}--{run['name']}", "kind": "recursive", "status": status,
+            "spec": {"run": run, "model": {"path": path} if path else {"pretrain": {}}},
+            "metrics": metrics if status == "success" else {}, "primary_metric": "average",
+            "params": params}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return claims.load_reference(REFERENCE)
+
+
+def ledger(reference, records, bench_dir=None):
+    evidence = claims.Evidence.from_records(records, bench_dir, reference.paper_models)
+    rows = claims.evaluate_claims(reference, evidence)
+    return {row["id"]: row for row in rows}
+
+
+# --- the reference file ---------------------------------------------------------------------
+
+def test_committed_reference_is_valid_and_has_no_table_numbers(reference):
+    assert {"lamda", "recursive"} <= set(reference.papers)
+    assert all(row["value"] is None for row in reference.table_rows)
+    assert len(reference.table_rows) > 0
+    assert all(c["check"] in claims.CHECKS for c in reference.claims)
+    assert reference.table_value("nlu", "sst2", "deberta_v3_base", "lamda", "accuracy") is None
+
+
+def test_reference_carries_the_verified_abstract_numbers(reference):
+    by_id = {c["id"]: c for c in reference.claims}
+    assert by_id["lamda_parameter_updates"]["value"] == 17.7
+    assert by_id["lamda_peak_memory"]["value"] == 1.32
+    assert by_id["recursive_gain_over_scratch"]["value"] == 13.5
+    assert by_id["lamda_llama2_7b_geometry"]["source_kind"] == "derived"
+    assert "derived arithmetic" in by_id["lamda_llama2_7b_geometry"]["source"]
+
+
+def _minimal(**claim):
+    base = {"id": "c", "paper": "p", "claim": "x", "source": "abstract", "source_kind": "paper"}
+    return {"schema_version": 1, "papers": {"p": {}}, "claims": [{**base, **claim}]}
+
+
+@pytest.mark.parametrize("data, message", [
+    (_minimal(check="no_such_rule"), "unknown check"),
+    (_minimal(paper="q"), "not a key of papers"),
+    (_minimal(source_kind="guess"), "source_kind"),
+    (_minimal(value="17.7x"), "value must be a number"),
+    ({**_minimal(), "schema_version": 2}, "schema_version"),
+    ({**_minimal(), "claims": _minimal()["claims"] * 2}, "duplicate id"),
+])
+def test_reference_errors_are_one_line_and_named(data, message):
+    with pytest.raises(claims.ReferenceFileError, match=message):
+        claims.parse_reference(data)
+
+
+def test_missing_reference_file(tmp_path):
+    with pytest.raises(claims.ReferenceFileError, match="not found"):
+        claims.load_reference(tmp_path / "nope.yaml")
+
+
+def test_table_value_with_a_known_number():
+    data = {**_minimal(), "table_rows": [{"family": "nlu", "task": "sst2", "model": "d",
+                                          "method": "lamda", "metric": "accuracy", "value": 95.5,
+                                          "source": "Table 1, row LaMDA"}]}
+    ref = claims.parse_reference(data)
+    assert ref.table_value("nlu", "sst2", "d", "lamda", "accuracy") == 95.5
+    assert ref.table_value("nlu", "sst2", "d", "lora", "accuracy") is None
+
+
+# --- arithmetic -------------------------------------------------------------------------------
+
+def test_llama2_7b_counts():
+    shapes = claims.llama_adapted_shapes(4096, 11008)
+    assert claims.lora_count(32, shapes, 64) == 159_907_840
+    assert claims.lamda_s_only_count(32, 7, 64) == 917_504
+
+
+def test_gemma_2b_counts_round_to_the_reference():
+    counts = claims.recursive_counts({"layers": 18, "hidden": 2048, "heads": 8, "kv_heads": 1,
+                                      "head_dim": 256, "intermediate": 16384, "loops": 2})
+    assert counts["recursive"] * 2 == counts["vanilla"]
+    assert [round(counts[k] / 1e9, 2) for k in ("vanilla", "recursive", "relaxed_r64",
+                                                "relaxed_r512")] == [1.98, 0.99, 1.07, 1.60]
+
+
+def test_arithmetic_claims_reproduced_without_records(reference):
+    rows = ledger(reference, [])
+    for cid in ("lamda_llama2_7b_geometry", "gemma_2b_non_embedding_counts"):
+        assert rows[cid]["verdict"] == claims.VERDICT_ARITHMETIC
+        assert rows[cid]["scale"] == "arithmetic"
+
+
+def test_wrong_reference_count_is_not_reproduced(reference):
+    claim = {c["id"]: c for c in reference.claims}["lamda_llama2_7b_geometry"]
+    wrong = {**claim, "values": {"lora_r64": 159_907_841, "lamda_s_only_r64": 917_504}}
+    assert claims.check_lamda_geometry(wrong, claims.Evidence.from_records([])).verdict == \
+        claims.VERDICT_ARITHMETIC_NOT
+
+
+# --- verdicts from records ---------------------------------------------------------------------
+
+def test_no_records_means_not_yet_run(reference):
+    rows = ledger(reference, [])
+    record_based = [c["id"] for c in reference.claims
+                    if c["check"] not in ("lamda_geometry_counts", "recursive_geometry_counts")]
+    assert record_based and all(rows[c]["verdict"] == claims.VERDICT_NOT_RUN for c in record_based)
+
+
+def test_smoke_lamda_records_reproduce_the_mechanism_only(reference):
+    recs = [finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500, score=0.89,
+                                                        saved=1000, state=3000)]
+    rows = ledger(reference, recs)
+    assert rows["lamda_parameter_updates"]["verdict"] == claims.VERDICT_SMOKE
+    assert "16.00x" in rows["lamda_parameter_updates"]["this suite"]
+    assert "250 trainable at the end" in rows["lamda_parameter_updates"]["this suite"]
+    assert rows["lamda_parameter_updates"]["scale"] == "smoke"
+    assert rows["lamda_matches_or_surpasses"]["verdict"] == claims.VERDICT_SMOKE
+    assert rows["lamda_peak_memory"]["verdict"] == claims.VERDICT_SMOKE
+    assert "4.00x" in rows["lamda_peak_memory"]["this suite"]
+
+
+def test_smoke_lamda_worse_than_lora_is_not_reproduced(reference):
+    recs = [finetune("lora_r8", "lora", 8000, score=0.9, saved=1000),
+            finetune("lamda_r8", "lamda", 9000, score=0.5, saved=2000)]
+    rows = ledger(reference, recs)
+    for cid in ("lamda_parameter_updates", "lamda_matches_or_surpasses", "lamda_peak_memory"):
+        assert rows[cid]["verdict"] == claims.VERDICT_SMOKE_NOT, cid
+
+
+def test_lamda_without_lora_at_equal_rank_is_not_yet_run(reference):
+    recs = [finetune("lora_r16", "lora", 8000, r=16), finetune("lamda_r8", "lamda", 500)]
+    assert ledger(reference, recs)["lamda_parameter_updates"]["verdict"] == claims.VERDICT_NOT_RUN
+
+
+def test_failed_lamda_run_is_not_counted(reference):
+    recs = [finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500, status="failed")]
+    assert ledger(reference, recs)["lamda_parameter_updates"]["verdict"] == claims.VERDICT_NOT_RUN
+
+
+@pytest.mark.parametrize("lamda_updates, verdict", [(400, claims.VERDICT_REPRODUCED),
+                                                    (1000, claims.VERDICT_NOT_REPRODUCED)])
+def test_paper_scale_ratio_against_the_claimed_value(reference, lamda_updates, verdict):
+    recs = [finetune("lora", "lora", 8000, scale="paper"),
+            finetune("lamda", "lamda", lamda_updates, scale="paper")]
+    row = ledger(reference, recs)["lamda_parameter_updates"]
+    assert (row["verdict"], row["scale"]) == (verdict, "paper")
+
+
+def test_paper_scale_gpu_peak_memory(reference):
+    recs = [finetune("lora", "lora", 8000, scale="paper", peak=1320, peak_kind="cuda_allocated"),
+            finetune("lamda", "lamda", 500, scale="paper", peak=1000, peak_kind="cuda_allocated")]
+    row = ledger(reference, recs)["lamda_peak_memory"]
+    assert row["verdict"] == claims.VERDICT_REPRODUCED and "1.32x" in row["this suite"]
+
+
+def test_paper_scale_without_gpu_peak_checks_the_mechanism_only(reference):
+    recs = [finetune("lora", "lora", 8000, scale="paper", saved=4000, state=9000),
+            finetune("lamda", "lamda", 500, scale="paper", saved=1000, state=3000)]
+    row = ledger(reference, recs)["lamda_peak_memory"]
+    assert (row["verdict"], row["scale"]) == (claims.VERDICT_PAPER_NO_PEAK, "paper")
+
+
+def test_bench_alone_decides_the_memory_mechanism(reference, tmp_path):
+    (tmp_path / claims.BENCH_FILE).write_text(json.dumps([
+        {"method_type": "lora", "r": 4, "saved_for_backward_bytes": 900},
+        {"method_type": "lamda", "r": 4, "saved_for_backward_bytes": 300}]))
+    row = ledger(reference, [], tmp_path)["lamda_peak_memory"]
+    assert row["verdict"] == claims.VERDICT_SMOKE and "3.00x" in row["this suite"]
+
+
+def test_bench_file_absent_present_and_unrecognised(reference, tmp_path):
+    recs = [finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500, saved=1000)]
+    measured = lambda: ledger(reference, recs, tmp_path)["lamda_peak_memory"]["this suite"]
+    assert "bench: not yet run" in measured()
+    (tmp_path / claims.BENCH_FILE).write_text(json.dumps({"results": [
+        {"method": "lora", "rank": 8, "peak_bytes": 300},
+        {"method": "lamda", "rank": 8, "peak_bytes": 200}]}))
+    assert "peak_bytes 1.50x" in measured()
+    (tmp_path / claims.BENCH_FILE).write_text(json.dumps({"something": "else"}))
+    assert "not recognised" in measured()
+    (tmp_path / claims.BENCH_FILE).write_text("{not json")
+    evidence = claims.Evidence.from_records(recs, tmp_path)
+    assert evidence.bench is None and "unreadable" in evidence.bench_note
+
+
+def test_recursive_claims_at_smoke_scale(reference):
+    recs = [recursive("original", 0.50), recursive("recursive", 0.46, non_embedding=500),
+            recursive("scratch", 0.40), recursive("truncated", 0.42),
+            recursive("recursive", 0.49, rank=8), recursive("recursive", speedup=1.7, name="cdb")]
+    rows = ledger(reference, recs)
+    assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE
+    assert "+4.0 points" in rows["recursive_beats_similar_size"]["this suite"]
+    assert "+6.0 points" in rows["recursive_gain_over_scratch"]["this suite"]
+    assert "error reduction 10%" in rows["recursive_gain_over_scratch"]["this suite"]
+    assert rows["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_SMOKE
+    assert rows["relaxed_on_par_with_full"]["verdict"] == claims.VERDICT_SMOKE
+    assert "r=8" in rows["relaxed_on_par_with_full"]["this suite"]
+    assert rows["cdb_early_exit_throughput"]["verdict"] == claims.VERDICT_SMOKE
+    assert "0.500" in rows["gemma_2b_non_embedding_counts"]["this suite"]
+
+
+def test_recursive_claims_not_reproduced_or_not_run(reference):
+    recs = [recursive("original", 0.50), recursive("recursive", 0.30), recursive("scratch", 0.40),
+            recursive("recursive", 0.40, rank=8), recursive("truncated", 0.9, status="failed")]
+    rows = ledger(reference, recs)
+    assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE_NOT
+    assert rows["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_SMOKE_NOT
+    assert rows["relaxed_on_par_with_full"]["verdict"] == claims.VERDICT_SMOKE_NOT
+    assert rows["cdb_early_exit_throughput"]["verdict"] == claims.VERDICT_NOT_RUN
+
+
+def test_similar_size_original_of_another_model_is_a_baseline(reference):
+    recs = [recursive("recursive", 0.46, non_embedding=500, base="gemma"),
+            recursive("original", 0.50, non_embedding=600, base="pythia"),
+            recursive("original", 0.90, non_embedding=5000, base="big")]  # not similar size
+    row = ledger(reference, recs)["recursive_beats_similar_size"]
+    assert row["verdict"] == claims.VERDICT_SMOKE_NOT and "pythia" in row["this suite"]
+
+
+def test_recursive_paper_scale_from_the_model_path(reference):
+    path = "google/gemma-2b"
+    scratch = recursive("scratch", 0.40, path=path)
+    row = ledger(reference, [recursive("recursive", 0.54, path=path), scratch])
+    assert row["recursive_gain_over_scratch"]["scale"] == "paper"
+    assert row["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_REPRODUCED
+    row = ledger(reference, [recursive("recursive", 0.45, path=path), scratch])
+    assert row["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_NOT_REPRODUCED
+
+
+def test_reference_code_lamda_does_not_count_for_the_claims(reference):
+    recs = [finetune("lora_r8", "lora", 8000), finetune("ref", "lamda_reference", 500)]
+    assert ledger(reference, recs)["lamda_parameter_updates"]["verdict"] == claims.VERDICT_NOT_RUN
+
+
+def test_claims_markdown_has_one_row_per_claim(reference):
+    text = claims.claims_markdown(claims.evaluate_claims(
+        reference, claims.Evidence.from_records([])), bench_note="x absent")
+    table_lines = [l for l in text.splitlines() if l.startswith("| ")]
+    assert len(table_lines) == 1 + len(reference.claims)
+    assert "\n\n| id |" in text
+
+
+# --- aggregate ------------------------------------------------------------------------------
+
+def _write_runs(root):
+    for rec in (finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500),
+                finetune("full", "full", 10 ** 6, r=None, status="failed")):
+        write_record(root / (rec["run_id"] + ".json"), rec)
+    rec = recursive("original", 0.5, non_embedding=1000)
+    write_record(root / "recursive" / "tiny--original.json", rec)
+
+
+def test_aggregate_writes_exactly_the_announced_files_deterministically(tmp_path):
+    _write_runs(tmp_path / "runs")
+    families = ["nlu", "reasoning"]
+    written = aggregate(tmp_path / "runs", tmp_path / "bench", REFERENCE, tmp_path / "out",
+                        families)
+    expected = aggregate_outputs(tmp_path / "out", families)
+    assert sorted(written) == sorted(expected)
+    files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert sorted(map(str, files)) == sorted(expected)
+    first = {p: p.read_bytes() for p in files}
+    aggregate(tmp_path / "runs", tmp_path / "bench", REFERENCE, tmp_path / "out", families)
+    assert all(p.read_bytes() == data for p, data in first.items())
+    nlu = (tmp_path / "out" / "tables" / "nlu.md").read_text()
+    assert "failed" in nlu and "n/a" in nlu
+    assert "no runs yet" in (tmp_path / "out" / "tables" / "reasoning.md").read_text()
+
+
+def test_aggregate_cli_without_records(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["aggregate", "--runs-dir", str(tmp_path / "none"), "--reference",
+                              str(REFERENCE), "--out", str(tmp_path / "out"),
+                              "--bench-dir", str(tmp_path), "--families", "nlu"])
+    assert args.func(args) == 0
+    assert str(tmp_path / "out" / "claims.md") in capsys.readouterr().out
+    assert "no runs yet" in (tmp_path / "out" / "tables" / "nlu.md").read_text()
+    assert "not yet run" in (tmp_path / "out" / "claims.md").read_text()
+
+
+def test_aggregate_cli_rejects_unknown_family(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["aggregate", "--families", "nlu,vision", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "vision" in capsys.readouterr().err
+    with pytest.raises(AggregateError):
+        parse_families("recursive")
+    assert parse_families("nlu, reasoning,nlu") == ["nlu", "reasoning"]
+    assert parse_families("") is None

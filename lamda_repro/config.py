@@ -149,7 +149,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 GENERATION_DEFAULTS: dict[str, Any] = {"num_beams": 1, "max_new_tokens": 32}
 TOP_DEFAULTS: dict[str, Any] = {
-    "workdir": "work", "results_dir": "results", "offline": True, "device": "auto", "threads": 0,
+    "scale": "smoke", "workdir": "work", "results_dir": "results", "offline": True, "device": "auto", "threads": 0,
     "data": {}, "models": {}, "tasks": {}, "methods": {},
 }
 
@@ -253,6 +253,7 @@ class RunSpec:
     seed: int
     training: dict[str, Any]
     generation: dict[str, Any] = field(default_factory=dict)
+    scale: str = "smoke"  # "smoke" or "paper": which claims a record can speak to
 
     @property
     def run_id(self) -> str:
@@ -298,5 +299,6 @@ def expand_runs(config: dict[str, Any]) -> list[RunSpec]:
                             model_params=copy.deepcopy(cfg["models"][model]),
                             method=method, method_type=mentry["type"],
                             method_params=copy.deepcopy(mparams), seed=int(seed),
-                            training=training, generation=generation))
+                            training=training, generation=generation,
+                            scale=cfg.get("scale", "smoke")))
     return runs

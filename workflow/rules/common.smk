@@ -2,10 +2,12 @@
 # naming the key and the problem), then by Snakemake against the same JSON schema.
 import json
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
 from lamda_repro.config import ConfigError, expand_runs, record_path, validate_config
+from lamda_repro.report_cli import aggregate_outputs
 
 try:
     CFG = validate_config(config)
@@ -70,3 +72,47 @@ def families():
 
 def all_targets():
     return all_records() + report_outputs() + EXTRA_TARGETS
+
+
+# -- aggregation (report.smk) ----------------------------------------------------------------
+REFERENCE = f"{RESULTS}/reference/papers.yaml"
+
+
+def report_outputs():
+    return aggregate_outputs(RESULTS, families())
+
+
+def _caption(path):
+    name = Path(path).name
+    if name == "claims.md":
+        return "../report/claims.rst", "Claims"
+    if name.startswith("measurements."):
+        return "../report/table_measurements.rst", "Tables"
+    if name == "runs.csv":
+        return "../report/table_runs.rst", "Tables"
+    if "_quality_vs_" in name:
+        axis = name.split("_quality_vs_")[1].rsplit(".", 1)[0]
+        return f"../report/figure_quality_{axis}.rst", "Figures"
+    return "../report/table_family.rst", "Tables"
+
+
+def _reported(paths):
+    out = []
+    for p in paths:
+        caption, category = _caption(p)
+        # PDFs and LaTeX stay as files; the report shows the PNG / Markdown / CSV twins.
+        if p.endswith((".pdf", ".tex")):
+            out.append(p)
+        else:
+            out.append(report(p, caption=caption, category=category))
+    return out
+
+
+def bench_records():
+    return [BENCH_OUT["json"]] if BENCH_ENABLED else []
+
+
+def recursive_records():
+    return [f"{RESULTS}/runs/recursive/{rid}.json" for rid in REC_RUNS]
+
+

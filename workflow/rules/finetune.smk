@@ -23,13 +23,14 @@ rule build_model:
         f"{WORKDIR}/models/{{model}}/config.json",
     params:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
+        workdir=lambda w, output: Path(output[0]).parents[2],
     log:
         "logs/build_model/{model}.log",
     conda:
         "../../environment.yml"
     shell:
         "lamda-repro build-model --name {wildcards.model} --entry {params.entry:q}"
-        " --workdir {WORKDIR} --data-files {input} > {log} 2>&1"
+        " --workdir {params.workdir} --data-files {input} > {log} 2>&1"
 
 
 rule finetune:
@@ -41,11 +42,12 @@ rule finetune:
         spec=lambda w: json.dumps(run_spec(w).to_dict(), sort_keys=True),
         device=CFG["device"],
         offline="" if CFG["offline"] else "--online",
+        workdir=WORKDIR,
     threads: max(1, CFG["threads"])
     log:
         "logs/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro run --spec {params.spec:q} --out {output} --workdir {WORKDIR}"
+        "lamda-repro run --spec {params.spec:q} --out {output} --workdir {params.workdir}"
         " --device {params.device} --threads {threads} {params.offline} > {log} 2>&1"

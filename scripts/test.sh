@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite, in three groups: fast unit tests, slower checks on real weights (slow), and
+# the smoke workflow end to end through Snakemake (workflow). All run offline on CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh || exit 1
+source scripts/offline.sh
+status=0
+group() {  # pytest exits 5 when a group has no tests: that is not a failure
+  .venv/bin/python -m pytest -q -m "$1" "${@:2}"
+  rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; fi
+}
+group "not slow and not workflow and not cluster"
+group "slow"
+group "workflow"
+exit $status

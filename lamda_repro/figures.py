@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lamda_repro.results import write_bytes_atomic  # noqa: E402
 from lamda_repro.tables import FAMILY_TITLES, row_average  # noqa: E402
 
 # x axis name -> (cell column, axis label, log scale)
@@ -76,26 +77,10 @@ def _save(fig, stem: Path) -> list[str]:
         metadata = _PNG_METADATA if fmt == "png" else _PDF_METADATA
         fig.savefig(buffer, format=fmt, metadata=metadata, dpi=150, bbox_inches="tight")
         path = stem.with_name(f"{stem.name}.{fmt}")
-        _write_bytes_atomic(path, buffer.getvalue())
+        write_bytes_atomic(path, buffer.getvalue())
         paths.append(str(path))
     plt.close(fig)
     return paths
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_points(points: pd.DataFrame, xlabel: str, ylabel: str, title: str, log_x: bool,

@@ -64,16 +64,18 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder and os.replace."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace.
+
+    A reader sees the old file or the new one, never a partial write; a failure leaves the
+    old file in place and no temporary behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_sanitize(data), indent=2, sort_keys=False, default=_json_default,
-                      allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -84,17 +86,14 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write strict JSON (NaN/inf become null) atomically."""
+    text = json.dumps(_sanitize(data), indent=2, sort_keys=False, default=_json_default,
+                      allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

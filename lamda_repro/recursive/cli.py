@@ -1,0 +1,170 @@
+"""Command-line subcommands of the recursive stage (registered by ``add_cli``).
+
+    recursive-corpus    write the smoke corpus, tokenizer and lm-eval tasks
+    recursive-pretrain  pretrain a tiny model of the config on the corpus
+    recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
+    recursive-table     table (md/csv/tex) and figure from records
+    recursive-counts    non-embedding parameter counts of a model config
+    recursive-bench     forward tokens/s and weight memory: original vs converted
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _section(args) -> dict:
+    from lamda_repro.recursive.runner import resolve_section
+
+    if args.section_json:
+        return resolve_section(json.loads(args.section_json))
+    from lamda_repro.config import load_config
+
+    return resolve_section(load_config(*args.config).get("recursive"))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", nargs="+", help="config YAML file(s); later ones override earlier")
+    source.add_argument("--section-json", help="the recursive: section as a JSON string")
+    parser.add_argument("--workdir", default="work", help="artifact root (default: work)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+
+
+def _setup(args) -> None:
+    from lamda_repro.measure import set_threads
+
+    set_threads(args.threads)
+
+
+def cmd_corpus(args) -> int:
+    from lamda_repro.recursive.runner import prepare_corpus
+
+    info = prepare_corpus(_section(args), Path(args.workdir))
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from lamda_repro.recursive.runner import pick_device, pretrain_model
+
+    _setup(args)
+    stats = pretrain_model(_section(args), args.model, Path(args.workdir), pick_device(args.device))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lamda_repro.recursive.runner import execute_run
+    from lamda_repro.results import write_record
+
+    _setup(args)
+    record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+    write_record(args.out, record)
+    if record["status"] != "success":
+        print(f"run {args.run} failed: {record['error']}", file=sys.stderr)
+        return 0 if args.keep_going else 1
+    print(json.dumps(record["metrics"]))
+    return 0
+
+
+def cmd_table(args) -> int:
+    from lamda_repro.recursive.report import plot_accuracy_vs_params, write_table
+    from lamda_repro.results import load_records
+
+    records = load_records(args.records)
+    write_table(records, args.out_stem)
+    if args.figure:
+        plot_accuracy_vs_params(records, args.figure)
+    return 0
+
+
+def cmd_counts(args) -> int:
+    from transformers import AutoConfig
+
+    from lamda_repro.recursive.counts import non_embedding_counts
+
+    config = AutoConfig.from_pretrained(args.model_config)
+    for rank in args.lora_rank or [None]:
+        print(json.dumps(non_embedding_counts(config, args.num_loops, rank)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lamda_repro.recursive.bench import benchmark_conversion
+
+    _setup(args)
+    result = benchmark_conversion(args.model, num_loops=args.num_loops, lora_rank=args.lora_rank,
+                                  batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
+                                  device=args.device)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from lamda_repro.results import write_json_atomic
+
+        write_json_atomic(args.out, result)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register the recursive subcommands on an argparse subparsers object."""
+    p = subparsers.add_parser("recursive-corpus", help="write the smoke corpus, tokenizer and tasks")
+    _common(p)
+    p.set_defaults(func=cmd_corpus)
+
+    p = subparsers.add_parser("recursive-pretrain", help="pretrain a tiny model on the corpus")
+    _common(p)
+    p.add_argument("--model", required=True, help="model name in recursive.models")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = subparsers.add_parser("recursive-run", help="one recursive run -> JSON record")
+    _common(p)
+    p.add_argument("--run", required=True, help="run id <model>--<name>")
+    p.add_argument("--out", required=True, help="record path")
+    p.add_argument("--keep-going", action="store_true", help="exit 0 when the run failed (record says so)")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("recursive-table", help="table and figure from recursive records")
+    p.add_argument("--records", nargs="*", default=[], help="record JSON files")
+    p.add_argument("--out-stem", required=True, help="writes <stem>.md, .csv, .tex")
+    p.add_argument("--figure", help="figure path (png/pdf)")
+    p.set_defaults(func=cmd_table)
+
+    p = subparsers.add_parser("recursive-counts", help="non-embedding parameter counts from a config")
+    p.add_argument("--model-config", required=True, help="folder with config.json, or a Hub id")
+    p.add_argument("--num-loops", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, nargs="*", help="relaxed ranks to count")
+    p.set_defaults(func=cmd_counts)
+
+    p = subparsers.add_parser("recursive-bench", help="forward tokens/s and weight memory, original vs converted")
+    p.add_argument("--model", required=True, help="model folder (or Hub id)")
+    p.add_argument("--num-loops", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="also write the result as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (the suite's ``lamda-repro`` CLI wires ``add_cli`` in as well)."""
+    parser = argparse.ArgumentParser(prog="python -m lamda_repro.recursive.cli")
+    parser.add_argument("--online", action="store_true",
+                        help="allow Hugging Face Hub access (default: the offline switches are set)")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    if not args.online:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+            os.environ.setdefault(name, "1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

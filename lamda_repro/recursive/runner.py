@@ -1,0 +1,291 @@
+"""One recursive run, end to end: base model -> variant -> uptraining -> evaluation -> record.
+
+The ``recursive:`` config section (schema: workflow/schemas/recursive.schema.yaml) lists models,
+a corpus, uptraining and evaluation settings, and runs. A run is one variant of one model:
+
+    original   the model as it is (optionally uptrained too)
+    recursive  convert_to_recursive(num_loops, sharing, init[, lora_rank, lora_init])
+    truncated  the model's first K = L / num_loops layers (same-size non-recursive baseline)
+    scratch    a K-layer model of the same shape from random init (trained with the uptrain budget)
+
+Artifacts live under ``<workdir>/recursive/`` (corpus, pretrained tiny models, kept run models);
+records under ``<results_dir>/runs/recursive/<run_id>.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lamda_repro.recursive import corpus as corpus_mod
+from lamda_repro.recursive.convert import (
+    RecursiveConfigError,
+    convert_to_recursive,
+    decoder_layers,
+    save_recursive,
+    truncate_layers,
+)
+from lamda_repro.recursive.counts import model_non_embedding_parameters, model_total_parameters, weight_bytes
+from lamda_repro.recursive.evaluate import forward_throughput, lm_eval_accuracy, perplexity
+from lamda_repro.recursive.tiny import tiny_config
+from lamda_repro.recursive.uptrain import UptrainConfig, train_causal_lm
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "recursive.schema.yaml"
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "seed": 0,
+    "corpus": {"kind": "smoke", "num_documents": 2000, "num_validation": 100, "task_test_size": 100,
+               "text_field": "text"},
+    "models": {},
+    "uptrain": {},
+    "eval": {"tasks": list(corpus_mod.SMOKE_TASKS), "num_fewshot": 0, "limit": None, "batch_size": 16,
+             "metrics": {}, "ppl_batches": 8, "ppl_batch_size": 8, "ppl_seq_len": 64,
+             "throughput_batch_size": 8, "throughput_seq_len": 64},
+    "runs": [],
+}
+PRETRAIN_DEFAULTS: dict[str, Any] = {"architecture": "llama", "hidden_size": 64, "num_layers": 6, "num_heads": 4,
+                                     "num_kv_heads": 2, "intermediate_size": 128, "steps": 300,
+                                     "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 20}
+
+
+class RecursiveRunError(ValueError):
+    """The recursive config section or a run entry is invalid."""
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate the ``recursive:`` section against its schema and fill in defaults."""
+    from lamda_repro.config import check_against_schema
+
+    section = copy.deepcopy(section or {})
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    check_against_schema(section, schema, "recursive")
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in section.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "models":
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    names = [run_id(run) for run in out["runs"]]
+    for run in out["runs"]:
+        if run["model"] not in out["models"]:
+            raise RecursiveRunError(f"recursive.runs.{run['name']}.model: unknown model {run['model']!r} "
+                                    f"(defined: {', '.join(sorted(out['models'])) or 'none'})")
+        if run["variant"] != "original" and "num_loops" not in run:
+            raise RecursiveRunError(f"recursive.runs.{run['name']}: variant {run['variant']} needs num_loops")
+        if run.get("lora_rank") is not None and run["variant"] != "recursive":
+            raise RecursiveRunError(f"recursive.runs.{run['name']}: lora_rank only applies to variant recursive")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RecursiveRunError(f"recursive.runs: duplicate runs (model--name) {duplicates}")
+    UptrainConfig.from_dict(out["uptrain"])  # one-line error for bad values before any job runs
+    return out
+
+
+def run_id(run: dict[str, Any]) -> str:
+    """The id (and record file stem) of a run: ``<model>--<name>``."""
+    return f"{run['model']}--{run['name']}"
+
+
+def find_run(section: dict[str, Any], rid: str) -> dict[str, Any]:
+    for run in section["runs"]:
+        if run_id(run) == rid:
+            return run
+    raise RecursiveRunError(f"no recursive run {rid!r} (known: {', '.join(run_id(r) for r in section['runs'])})")
+
+
+def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> list[str]:
+    """Files a run needs before it starts (the workflow's inputs of the run job)."""
+    run = find_run(section, rid)
+    inputs = [str(corpus_dir(Path(workdir)) / "corpus.json")]
+    if "pretrain" in section["models"][run["model"]]:
+        inputs.append(str(model_dir(Path(workdir), run["model"]) / "model.safetensors"))
+    return inputs
+
+
+def uptrain_config(section: dict[str, Any], run: dict[str, Any]) -> UptrainConfig | None:
+    """The run's uptraining settings, or None when the run is not uptrained."""
+    setting = run.get("uptrain", run["variant"] != "original")
+    if setting is False:
+        return None
+    overrides = setting if isinstance(setting, dict) else {}
+    return UptrainConfig.from_dict({**section["uptrain"], **overrides})
+
+
+def corpus_dir(workdir: Path) -> Path:
+    return Path(workdir) / "recursive" / "corpus"
+
+
+def model_dir(workdir: Path, name: str) -> Path:
+    return Path(workdir) / "recursive" / "models" / name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+
+def prepare_corpus(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Write the smoke corpus, tokenizer and tasks (kind smoke); other kinds need no preparation."""
+    cfg = section["corpus"]
+    out = corpus_dir(workdir)
+    if cfg["kind"] != "smoke":
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"kind": cfg["kind"]}
+        (out / "corpus.json").write_text(json.dumps(info))
+        return info
+    return corpus_mod.write_smoke_corpus(out, cfg["num_documents"], cfg["num_validation"], section["seed"],
+                                         cfg["task_test_size"])
+
+
+def _corpus_entry(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    cfg = dict(section["corpus"])
+    if cfg["kind"] == "smoke":
+        cfg["path"] = str(corpus_dir(workdir))
+    return cfg
+
+
+def train_batches(section, workdir, tokenizer, seq_len, batch_size, split="train"):
+    cfg = _corpus_entry(section, workdir)
+    factory = lambda: corpus_mod.iter_texts(cfg, split)  # noqa: E731
+    return corpus_mod.batches(factory(), tokenizer, seq_len, batch_size, repeat=cfg["kind"] != "hub" and split == "train",
+                              text_factory=factory)
+
+
+def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: torch.device) -> dict[str, Any]:
+    """Pretrain the tiny model ``name`` on the smoke corpus and save it (safetensors) with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = section["models"][name]
+    if "pretrain" not in entry:
+        raise RecursiveRunError(f"recursive.models.{name}: no pretrain settings (it loads from path)")
+    p = {**PRETRAIN_DEFAULTS, **entry["pretrain"]}
+    tokenizer = AutoTokenizer.from_pretrained(corpus_dir(workdir) / "tokenizer")
+    torch.manual_seed(section["seed"])
+    config = tiny_config(p["architecture"], vocab_size=len(tokenizer), hidden_size=p["hidden_size"],
+                         num_layers=p["num_layers"], num_heads=p["num_heads"], num_kv_heads=p["num_kv_heads"],
+                         intermediate_size=p["intermediate_size"], bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    cfg = UptrainConfig(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"], lr=p["lr"],
+                        warmup_steps=p["warmup_steps"], weight_decay=0.01, kd_weight=0.0)
+    stats = train_causal_lm(model, train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
+                            cfg, seed=section["seed"], desc=f"pretrain {name}")
+    out = model_dir(workdir, name)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"settings": p, "stats": stats}, indent=2))
+    return stats
+
+
+def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.device):
+    """(model, tokenizer) of model entry ``name``: its pretrained folder or its path / Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = section["models"][name]
+    path = str(model_dir(workdir, name)) if "pretrain" in entry else entry["path"]
+    dtype = getattr(torch, entry.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
+    """The model a run trains and evaluates, built from the base model (left unchanged)."""
+    from transformers import AutoModelForCausalLM
+
+    variant = run["variant"]
+    if variant == "original":
+        return copy.deepcopy(base)
+    num_layers = len(decoder_layers(base))
+    loops = run["num_loops"]
+    if num_layers % loops:
+        raise RecursiveConfigError(f"num_loops={loops} does not divide the model's {num_layers} layers")
+    if variant == "recursive":
+        return convert_to_recursive(base, loops, sharing=run.get("sharing", "cycle"),
+                                    init=run.get("init", "stepwise"), lora_rank=run.get("lora_rank"),
+                                    lora_init=run.get("lora_init", "svd"),
+                                    per_position_vectors=run.get("per_position_vectors", False))
+    if variant == "truncated":
+        return truncate_layers(base, num_layers // loops)
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = num_layers // loops
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types[: config.num_hidden_layers])
+    torch.manual_seed(seed)
+    param = next(base.parameters())
+    return AutoModelForCausalLM.from_config(config, dtype=param.dtype).to(param.device)
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = "auto") -> dict[str, Any]:
+    """Run ``rid`` and return its record (status "failed" with the error if anything raised)."""
+    from lamda_repro.results import new_record, utc_now
+
+    run = find_run(section, rid)
+    entry = section["models"][run["model"]]
+    up_cfg = uptrain_config(section, run)
+    spec = {"run": run, "model": entry, "uptrain": up_cfg.to_dict() if up_cfg else None,
+            "eval": section["eval"], "corpus": section["corpus"], "seed": section["seed"]}
+    record = new_record(rid, "recursive", spec)
+    start = time.perf_counter()
+    try:
+        _fill_record(record, section, run, up_cfg, workdir, pick_device(device))
+        record["status"] = "success"
+    except Exception as exc:  # the record must say why a run failed
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    record["wall_time_s"] = time.perf_counter() - start
+    record["finished_at"] = utc_now()
+    return record
+
+
+def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
+    seed = section["seed"]
+    ev = section["eval"]
+    base, tokenizer = load_base(section, run["model"], workdir, device)
+    # An original model that is not trained is evaluated as loaded (no copy).
+    model = base if run["variant"] == "original" and up_cfg is None else build_variant(base, run, seed)
+    record["params"] = {"non_embedding": model_non_embedding_parameters(model),
+                        "total": model_total_parameters(model),
+                        "non_embedding_base": model_non_embedding_parameters(base),
+                        "weight_bytes": weight_bytes(model),
+                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    record["method_info"] = {"variant": run["variant"], "num_layers": len(decoder_layers(model)),
+                             "recursion": getattr(model.config, "recursion", None)}
+    if up_cfg is not None and up_cfg.steps > 0:
+        teacher = base if up_cfg.kd_weight > 0 else None
+        batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
+        stats = train_causal_lm(model, batches, up_cfg, teacher=teacher, seed=seed, desc=run_id(run))
+        record["train"] = stats
+        record["throughput"]["train_tokens_per_s"] = stats["train_tokens_per_s"]
+    del base
+    include = str(corpus_dir(workdir) / "tasks") if section["corpus"]["kind"] == "smoke" else None
+    scores = lm_eval_accuracy(model, tokenizer, ev["tasks"], include_path=include, num_fewshot=ev["num_fewshot"],
+                              limit=ev["limit"], batch_size=ev["batch_size"], metrics=ev["metrics"], seed=seed)
+    record["metrics"] = {f"acc_{task}": value for task, value in scores.items()}
+    record["metrics"]["average"] = sum(scores.values()) / len(scores)
+    held_out = train_batches(section, workdir, tokenizer, ev["ppl_seq_len"], ev["ppl_batch_size"], "validation")
+    record["metrics"]["perplexity"] = perplexity(model, held_out, max_batches=ev["ppl_batches"])
+    record["primary_metric"] = "average"
+    record["throughput"].update(forward_throughput(model, model.config.vocab_size, ev["throughput_batch_size"],
+                                                   ev["throughput_seq_len"]))
+    if run.get("save_model"):
+        save_recursive(model, Path(workdir) / "recursive" / "runs" / run_id(run), tokenizer)

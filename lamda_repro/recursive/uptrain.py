@@ -1,0 +1,140 @@
+"""A plain causal-LM training loop for pretraining the tiny smoke model and for uptraining
+(Relaxed) Recursive Transformers, optionally distilling from the full-size model.
+
+AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak, gradient clipping,
+loss = (1 - kd_weight) * LM + kd_weight * KD. Deterministic on CPU for a fixed seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combined_loss, distillation_loss
+
+
+@dataclass
+class UptrainConfig:
+    """Uptraining hyperparameters (this suite's defaults; the paper's are not published)."""
+
+    steps: int = field(default=100, metadata={"help": "optimizer steps; tokens = steps * batch * seq_len"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak (cosine)"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    kd_loss: str = field(default="forward_kl", metadata={"help": f"one of {KD_LOSSES}"})
+    kd_weight: float = field(default=0.0, metadata={"help": "w in (1-w)*LM + w*KD; 0 = no teacher"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD loss"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast, CUDA only)"})
+    log_every: int = field(default=10, metadata={"help": "steps between progress-bar updates"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise DistillConfigError(f"uptrain.{name} must be a positive integer, got {value!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise DistillConfigError(f"uptrain.kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise DistillConfigError(f"uptrain.kd_weight must lie in [0, 1], got {self.kd_weight}")
+        if self.precision not in ("fp32", "bf16"):
+            raise DistillConfigError(f"uptrain.precision must be fp32 or bf16, got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "UptrainConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DistillConfigError(f"unknown uptrain keys: {unknown}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_factor(step: int, cfg: UptrainConfig) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup, then cosine to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def train_causal_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: UptrainConfig,
+                    teacher: nn.Module | None = None, seed: int = 0, desc: str = "uptrain") -> dict[str, Any]:
+    """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics."""
+    if cfg.kd_weight > 0 and teacher is None:
+        raise DistillConfigError("kd_weight > 0 needs a teacher model")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if cfg.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=desc, mininterval=1.0, disable=cfg.steps == 0)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            try:
+                input_ids = next(batches).to(device)
+            except StopIteration:
+                raise DistillConfigError(f"corpus ran out after {step} steps (need {cfg.steps})") from None
+            with autocast:
+                logits = model(input_ids=input_ids).logits
+                lm = causal_lm_loss(logits, input_ids)
+                kd = None
+                if cfg.kd_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=input_ids).logits
+                    kd = distillation_loss(logits, teacher_logits, cfg.kd_loss, cfg.kd_temperature)
+                loss = combined_loss(lm, kd, cfg.kd_weight) / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            tokens += input_ids.numel()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+    model.eval()
+    elapsed = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    return {
+        "steps": cfg.steps,
+        "tokens": tokens,
+        "train_time_s": elapsed,
+        "train_tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+    }

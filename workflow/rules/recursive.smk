@@ -1,0 +1,99 @@
+# Recursive Transformers: corpus -> (tiny) pretrained model -> one job per run -> table and figure.
+# The config section is `recursive:` (schema: workflow/schemas/recursive.schema.yaml).
+from pathlib import Path
+
+from lamda_repro.recursive.runner import RecursiveRunError, resolve_section, run_artifacts
+from lamda_repro.recursive.runner import run_id as recursive_run_id
+
+REC_RAW = config.get("recursive") or {}
+try:
+    REC = resolve_section(REC_RAW) if REC_RAW and REC_RAW.get("enabled", True) else None
+except (ConfigError, RecursiveRunError, ValueError) as exc:
+    sys.exit(f"config error: {exc}")
+REC_JSON = json.dumps(REC_RAW, sort_keys=True)
+REC_RUNS = {recursive_run_id(run): run for run in REC["runs"]} if REC else {}
+
+
+wildcard_constraints:
+    rec_run=r"[^/]+",
+    rec_model=r"[^/]+",
+
+
+RECURSIVE_TABLE = {ext: f"{RESULTS}/tables/recursive.{ext}" for ext in ("md", "csv", "tex")}
+RECURSIVE_FIGURE = f"{RESULTS}/figures/recursive_accuracy_vs_params.png"
+if REC:
+    EXTRA_TARGETS += [*RECURSIVE_TABLE.values(), RECURSIVE_FIGURE]
+
+
+rule recursive_corpus:
+    output:
+        f"{WORKDIR}/recursive/corpus/corpus.json",
+    params:
+        section=REC_JSON,
+        workdir=lambda w, output: Path(output[0]).parents[2],
+    log:
+        "logs/recursive/corpus.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.recursive.cli recursive-corpus --section-json {params.section:q}"
+        " --workdir {params.workdir} > {log} 2>&1"
+
+
+rule recursive_pretrain:
+    input:
+        f"{WORKDIR}/recursive/corpus/corpus.json",
+    output:
+        f"{WORKDIR}/recursive/models/{{rec_model}}/model.safetensors",
+    params:
+        section=REC_JSON,
+        workdir=lambda w, output: Path(output[0]).parents[3],
+        device=CFG["device"],
+        online="" if CFG.get("offline", True) else "--online",
+    threads: max(1, CFG["threads"])
+    log:
+        "logs/recursive/pretrain/{rec_model}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.recursive.cli {params.online} recursive-pretrain --section-json {params.section:q}"
+        " --model {wildcards.rec_model} --workdir {params.workdir} --device {params.device}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule recursive_run:
+    input:
+        lambda w: run_artifacts(REC, w.rec_run, WORKDIR),
+    output:
+        f"{RESULTS}/runs/recursive/{{rec_run}}.json",
+    params:
+        section=REC_JSON,
+        workdir=lambda w, input: Path(input[0]).parents[2],
+        device=CFG["device"],
+        online="" if CFG.get("offline", True) else "--online",
+    threads: max(1, CFG["threads"])
+    log:
+        "logs/recursive/run/{rec_run}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.recursive.cli {params.online} recursive-run --section-json {params.section:q}"
+        " --run {wildcards.rec_run} --out {output} --workdir {params.workdir} --device {params.device}"
+        " --threads {threads} --keep-going > {log} 2>&1"
+
+
+rule recursive_table:
+    input:
+        [f"{RESULTS}/runs/recursive/{rid}.json" for rid in REC_RUNS],
+    output:
+        **RECURSIVE_TABLE,
+        figure=report(RECURSIVE_FIGURE, category="Recursive Transformers"),
+    params:
+        stem=lambda w, output: output.md[: -len(".md")],
+    log:
+        "logs/recursive/table.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.recursive.cli recursive-table --records {input} --out-stem {params.stem}"
+        " --figure {output.figure} > {log} 2>&1"

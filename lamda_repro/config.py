@@ -232,6 +232,16 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         if len(kinds) > 1:
             raise ConfigError(f"{where}.tasks: mixes task kinds {sorted(kinds)}; "
                               "one experiment uses one model head (split it in two)")
+    rec = cfg.get("recursive")
+    if rec and rec.get("enabled", True):
+        from lamda_repro.recursive.runner import resolve_section
+
+        try:
+            resolve_section(rec)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # RecursiveRunError and value checks of the section
+            raise ConfigError(str(exc).splitlines()[0]) from None
     return cfg
 
 

@@ -108,3 +108,10 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_recursive_section_is_checked_with_the_rest(repo_root):
+    cfg = default_config(repo_root)
+    cfg["recursive"]["runs"][0]["model"] = "nope"
+    with pytest.raises(ConfigError, match=r"^recursive\.runs\.full\.model: unknown model 'nope'"):
+        validate_config(cfg)

@@ -126,13 +126,15 @@ def get_task_class(type_name: str) -> type[Task]:
         ) from None
 
 
-def load_raw_splits(task: Task, hub_path: str, hub_name: str | None, splits: dict[str, str]):
+def load_raw_splits(task: Task, hub_path: str, hub_name: str | None, splits: dict[str, str],
+                    revision: str | None = None):
     """Load the named splits from local files (if the task has them) or from the Hub.
 
     ``splits`` maps the suite's split names ("train", "eval", ...) to the data set's split
     names ("train", "validation", ...). Local files are read with the loader their
     extension implies (json/jsonl, csv, parquet); either way ``datasets.load_dataset``
-    reads them. ``max_train_samples`` / ``max_eval_samples`` keep the first n rows.
+    reads them. ``revision`` picks a Hub revision (e.g. ``refs/convert/parquet`` for data sets
+    that ship a loading script). ``max_train_samples`` / ``max_eval_samples`` keep the first n rows.
     """
     import datasets
 
@@ -150,9 +152,11 @@ def load_raw_splits(task: Task, hub_path: str, hub_name: str | None, splits: dic
             raise ValueError(f"task {task.name!r}: unsupported data file type .{ext}")
         raw = datasets.load_dataset(builder, data_files=files)
     else:
-        raw = datasets.load_dataset(hub_path, hub_name)
+        raw = datasets.load_dataset(hub_path, hub_name, revision=revision)
     out = datasets.DatasetDict()
     for ours, theirs in splits.items():
+        if theirs not in raw:
+            raise TaskConfigError(f"task {task.name!r}: split {theirs!r} not in {hub_path} (has {sorted(raw)})")
         ds = raw[theirs]
         limit = task.params.get("max_train_samples" if ours == "train" else "max_eval_samples")
         if limit is not None and len(ds) > limit:

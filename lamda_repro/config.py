@@ -147,7 +147,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     "max_grad_norm": 1.0,
 }
-GENERATION_DEFAULTS: dict[str, Any] = {"num_beams": 1, "max_new_tokens": 32}
+# Decoding settings are passed through only where the config sets them: each task has its own
+# defaults (e.g. GSM8K needs longer answers than E2E).
+GENERATION_DEFAULTS: dict[str, Any] = {}
 TOP_DEFAULTS: dict[str, Any] = {
     "scale": "smoke", "workdir": "work", "results_dir": "results", "offline": True, "device": "auto", "threads": 0,
     "data": {}, "models": {}, "tasks": {}, "methods": {},

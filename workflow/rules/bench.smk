@@ -1,0 +1,39 @@
+# LaMDA benchmark: memory, parameter updates and step time of full FT, LoRA, LoRA-FA, LaMDA and
+# LaMDA++ on LLaMA-2-7B geometry. The config section is `bench:` (schema: workflow/schemas/bench.schema.yaml).
+BENCH = config.get("bench") or {}
+BENCH_ENABLED = bool(BENCH) and BENCH.get("enabled", True)
+BENCH_OUT = {ext: f"{RESULTS}/bench/lamda_bench.{ext}" for ext in ("json", "md")}
+# config key -> command-line flag of `lamda-repro bench-lamda`
+BENCH_FLAGS = {
+    "layers": "--layers", "batch": "--batch", "seq": "--seq", "rank": "--rank", "alpha": "--alpha",
+    "hidden": "--hidden", "intermediate": "--intermediate", "heads": "--heads", "vocab": "--vocab",
+    "full_layers": "--full-layers", "steps": "--steps", "warmup": "--warmup", "run_steps": "--run-steps",
+    "freeze_fraction": "--freeze-fraction", "device": "--device", "threads": "--threads", "seed": "--seed",
+}
+BENCH_ARGS = " ".join(
+    [f"{flag} {BENCH[key]}" for key, flag in BENCH_FLAGS.items() if key in BENCH]
+    + ([] if "device" in BENCH else [f"--device {CFG['device']}"])
+    + (["--methods " + " ".join(BENCH["methods"])] if "methods" in BENCH else [])
+)
+if BENCH_ENABLED:
+    EXTRA_TARGETS += list(BENCH_OUT.values())
+
+
+rule bench:
+    output:
+        json=BENCH_OUT["json"],
+        md=BENCH_OUT["md"],
+    params:
+        args=BENCH_ARGS,
+        stem=lambda w, output: output.json.removesuffix(".json"),
+    threads: max(1, CFG["threads"])
+    resources:
+        gpu=1 if BENCH.get("device", CFG["device"]) == "cuda" else 0,
+        mem_mb=BENCH.get("mem_mb", 16000),
+        runtime=BENCH.get("runtime_min", 60),
+    log:
+        "logs/bench/lamda_bench.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.bench.cli bench-lamda --out {params.stem} {params.args} > {log} 2>&1"

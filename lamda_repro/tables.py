@@ -39,10 +39,11 @@ UNKNOWN_PAPER = "n/a"
 SUITE_ROW = "this suite"
 PAPER_ROW = "paper"
 
-# Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them).
+# Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them). ROUGE and
+# BLEU are recorded on 0-100 already (lamda_repro.tasks.metrics) and shown as they are.
 PERCENT_METRICS = frozenset({
     "accuracy", "acc", "f1", "matthews_correlation", "mcc", "pearson", "spearmanr", "spearman",
-    "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "em", "avg_accuracy",
+    "exact_match", "em", "avg_accuracy",
 })
 LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "eval_loss", "loss", "word_perplexity"})
 _METHOD_TYPE_ORDER = ("full", "lora", "lora_fa", "lorafa", "pissa", "dora", "adalora", "vera")

@@ -70,6 +70,13 @@ def test_non_percent_metric_is_not_scaled():
     assert suite_row(table, "lora_r8")["wikitext (perplexity)"] == "23.46"
 
 
+def test_rouge_and_bleu_are_recorded_on_0_100_and_shown_as_they_are():
+    recs = [finetune_record(task="xsum", metric="rouge2", score=37.5, family="summarization",
+                            experiment="sum")]
+    table = tables.family_table(cells_of(recs), "summarization")
+    assert suite_row(table, "lora_r8")["xsum (rouge2)"] == "37.50"
+
+
 def test_failed_run_shows_failed_never_a_number():
     recs = [finetune_record(status="failed")]
     table = tables.family_table(cells_of(recs), "nlu")

@@ -325,3 +325,18 @@ def test_aggregate_cli_rejects_unknown_family(tmp_path, capsys):
         parse_families("recursive")
     assert parse_families("nlu, reasoning,nlu") == ["nlu", "reasoning"]
     assert parse_families("") is None
+
+
+def test_bench_file_written_by_the_lamda_bench_is_read():
+    from lamda_repro.claims import bench_lamda_ratios, bench_memory_ratios
+
+    bench = {"ratios_vs_lora": {
+        "lora": {"extrapolated.saved_activation_bytes": 1.0},
+        "lamda_b_frozen": {"extrapolated.saved_activation_bytes": 1.325, "measured.peak_bytes": 0.96,
+                           "extrapolated.run_updates": 11.6},
+        "lamdapp_b_frozen": {"extrapolated.saved_activation_bytes": 1.3},
+        "lora_fa": {"extrapolated.saved_activation_bytes": 9.0},
+    }}
+    assert bench_memory_ratios(bench) == {"extrapolated.saved_activation_bytes": 1.325,
+                                          "measured.peak_bytes": 0.96}
+    assert bench_lamda_ratios(bench, "run_updates") == {"extrapolated.run_updates": 11.6}

@@ -82,10 +82,12 @@ def test_training_settings_override_in_order(repo_root):
     cfg["training"]["lr"] = 1.0
     cfg["experiments"]["nlu"]["training"] = {"lr": 2.0, "epochs": 7}
     cfg["methods"]["full_ft"]["training"] = {"lr": 3.0}
+    cfg["methods"]["lora_r8"].pop("training", None)
     runs = {(r.method, r.task): r for r in expand_runs(validate_config(cfg)) if r.experiment == "nlu"}
     assert runs[("full_ft", "smoke_sst2")].training["lr"] == 3.0
     assert runs[("lora_r8", "smoke_sst2")].training["lr"] == 2.0
     assert runs[("lora_r8", "smoke_sst2")].training["epochs"] == 7
+    assert runs[("full_ft", "smoke_sst2")].training["epochs"] == 7
 
 
 def test_run_spec_round_trips_and_derives_its_path():

@@ -1,27 +1,13 @@
 """The peft baselines (LoRA, LoRA-FA, PiSSA, DoRA, AdaLoRA, VeRA) through one table of cases."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run ~100x slower with two intra-op threads on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-from lamda_repro.config import ConfigError  # noqa: E402
-from lamda_repro.measure import count_parameters  # noqa: E402
-from lamda_repro.methods.base import MethodConfigError, MethodContext, build_method, get_method_class  # noqa: E402
-from lamda_repro.methods.peft_methods import adalora_ranks  # noqa: E402
+from lamda_repro.config import ConfigError
+from lamda_repro.measure import count_parameters
+from lamda_repro.methods.base import MethodConfigError, MethodContext, build_method, get_method_class
+from lamda_repro.methods.peft_methods import adalora_ranks
 
 TARGETS = ["query", "key", "value", "dense"]
 STEPS = 4

@@ -8,9 +8,7 @@ import pytest
 
 from lamda_repro.bench.cli import add_cli
 from lamda_repro.bench.lamda_bench import BenchConfigError, BenchSettings, run_bench, to_markdown
-from test_lamda_helpers import single_thread  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = dict(hidden=64, intermediate=128, heads=4, vocab=97, rank=4, seq=16, steps=1, warmup=1, run_steps=20)
 

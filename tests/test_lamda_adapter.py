@@ -7,10 +7,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from lamda_repro.measure import count_parameters, saved_for_backward_bytes
 from lamda_repro.methods.lamda import LamdaConfig, LamdaConfigError, LamdaFreezeController, LamdaLayer
-from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, single_thread, tiny_bert_cls,  # noqa: F401
+from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, tiny_bert_cls,  # noqa: F401
                                 tiny_llama, token_batch)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def lamda_llama(init="svd", r=4, **kw):

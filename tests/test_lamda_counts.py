@@ -8,9 +8,8 @@ from transformers import LlamaConfig
 from lamda_repro.measure import count_parameters
 from lamda_repro.methods.lamda import (LamdaConfig, LamdaFreezeController, lamda_trainable_count,
                                        linear_shapes_from_config, lora_trainable_count)
-from test_lamda_helpers import LLAMA_TARGETS, minilm_cls, single_thread, tiny_llama  # noqa: F401
+from test_lamda_helpers import LLAMA_TARGETS, minilm_cls, tiny_llama  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, vocab_size=32000)

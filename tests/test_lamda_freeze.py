@@ -7,10 +7,9 @@ from peft import get_peft_model
 
 from lamda_repro.methods.lamda import (LamdaConfig, LamdaFreezeCallback, LamdaFreezeController, LamdaLayer,
                                        frozen_count_at_step, reference_code_zeroed_columns)
-from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, single_thread, tiny_llama,  # noqa: F401
+from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, tiny_llama,  # noqa: F401
                                 token_batch)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_schedule_freezes_component_k_at_floor_k_f_t_over_r():

@@ -7,9 +7,8 @@ import torch
 from lamda_repro.measure import count_parameters
 from lamda_repro.methods.base import MethodConfigError, MethodContext, build_method, get_method_class
 from lamda_repro.methods.lamda import LamdaFreezeCallback, LamdaLayer
-from test_lamda_helpers import LLAMA_TARGETS, single_thread, tiny_bert_cls, tiny_llama, token_batch  # noqa: F401
+from test_lamda_helpers import LLAMA_TARGETS, tiny_bert_cls, tiny_llama, token_batch  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_types_are_registered():

@@ -7,9 +7,8 @@ from peft import LoraConfig, get_peft_model
 
 from lamda_repro.methods.lamda import allocate_ranks, rank_pattern_for_lamdapp, weight_spectra
 from lamda_repro.methods.lamda.allocation import RankAllocationError, captured_energy
-from test_lamda_helpers import single_thread, tiny_llama  # noqa: F401
+from test_lamda_helpers import tiny_llama  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def matrix_with_spectrum(sigma, n=64, seed=0):

@@ -3,29 +3,16 @@ preprocessing, evaluation paths on tiny models, and the smoke generators."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run ~100x slower with two intra-op threads on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-from lamda_repro.tasks import metrics  # noqa: E402
-from lamda_repro.tasks.base import TaskConfigError, get_task_class, task_types  # noqa: E402
-from lamda_repro.tasks.generation import (  # noqa: E402
+from lamda_repro.tasks import metrics
+from lamda_repro.tasks.base import TaskConfigError, get_task_class, task_types
+from lamda_repro.tasks.generation import (
     CausalLMCollator, e2e_references_by_mr, encode_prompt_target, generation_kwargs, token_blocks,
 )
-from lamda_repro.tasks.smoke import generate  # noqa: E402
+from lamda_repro.tasks.smoke import generate
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ group() {  # pytest exits 5 when a group has no tests: that is not a failure
   rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; fi
 }
-group "not slow and not workflow and not cluster"
+group "not slow and not workflow"
 group "slow"
 group "workflow"
 exit $status

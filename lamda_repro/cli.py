@@ -11,6 +11,18 @@ import sys
 _PLUGIN_MODULES = ("lamda_repro.report_cli", "lamda_repro.bench.cli", "lamda_repro.recursive.cli")
 
 
+def _json_arg(text: str, flag: str) -> dict:
+    from lamda_repro.config import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _load_checked(paths):
     from lamda_repro.config import load_config, validate_config
 
@@ -38,8 +50,7 @@ def cmd_list_runs(args) -> int:
 def cmd_prepare_data(args) -> int:
     from lamda_repro.tasks.smoke import write_dataset
 
-    entry = json.loads(args.entry)
-    files = write_dataset(entry, args.out_dir)
+    files = write_dataset(_json_arg(args.entry, "--entry"), args.out_dir)
     for split, path in files.items():
         print(f"wrote {split}: {path}")
     return 0
@@ -48,17 +59,20 @@ def cmd_prepare_data(args) -> int:
 def cmd_build_model(args) -> int:
     from lamda_repro.models import build_model
 
-    entry = json.loads(args.entry)
-    path = build_model(args.name, entry, args.workdir, args.data_files, seed=args.seed)
+    path = build_model(args.name, _json_arg(args.entry, "--entry"), args.workdir, args.data_files,
+                       seed=args.seed)
     print(f"built model {args.name!r} at {path}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from lamda_repro.config import RunSpec
+    from lamda_repro.config import ConfigError, RunSpec
     from lamda_repro.train import run_finetune
 
-    spec = RunSpec.from_dict(json.loads(args.spec))
+    try:
+        spec = RunSpec.from_dict(json.loads(args.spec))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"--spec: not a run spec ({str(exc).splitlines()[0]})") from None
     rec = run_finetune(spec, args.out, workdir=args.workdir, device=args.device,
                        threads=args.threads, offline=not args.online)
     if rec["status"] != "success":

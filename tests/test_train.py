@@ -83,3 +83,14 @@ def test_cli_run_exits_zero_on_failure_unless_strict(tmp_path, capsys):
     assert main(args) == 0
     assert "FAILED" in capsys.readouterr().err
     assert main(args + ["--strict"]) == 1
+
+
+def test_cli_rejects_a_malformed_spec_in_one_line(tmp_path, capsys):
+    from lamda_repro.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["run", "--spec", "{not json", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: --spec: not a run spec") and "\n" not in err
+    assert main(["run", "--spec", '{"experiment": "x"}', "--out", str(out)]) == 2
+    assert not out.exists()

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from lamda_repro.train import OFFLINE_VARS
+
 
 def _section(args) -> dict:
     from lamda_repro.recursive.runner import resolve_section
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     if not args.online:
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+        for name in OFFLINE_VARS:
             os.environ.setdefault(name, "1")
     return args.func(args)
 

@@ -235,7 +235,9 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Save config (with its ``recursion`` entry) and weights with each shared tensor stored once."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lamda_repro.results import write_bytes_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -244,9 +246,7 @@ def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         model.generation_config.save_pretrained(directory)
     state = unique_state_dict(model)
     meta = {"format": "pt", RECURSION_CONFIG_KEY: json.dumps(getattr(model.config, RECURSION_CONFIG_KEY, None))}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    write_bytes_atomic(directory / WEIGHTS_NAME, save(state, metadata=meta))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

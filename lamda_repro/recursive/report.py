@@ -59,6 +59,7 @@ def _format(value: Any, column: str) -> str:
 def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataFrame:
     """Write ``<out_stem>.md``, ``.csv`` and ``.tex``; accuracies in percent, failed runs marked."""
     from lamda_repro.results import write_text_atomic
+    from lamda_repro.tables import to_csv, to_latex, to_markdown
 
     frame = records_frame(records)
     out_stem = Path(out_stem)
@@ -73,13 +74,9 @@ def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataF
     headers = {"model": "Model", "variant": "Variant", "non_embedding_params": "N-emb",
                "average": "Avg", "perplexity": "PPL", **{c: c[len("acc_"):] for c in task_cols}}
     shown = shown.rename(columns=headers)
-    frame.to_csv(out_stem.with_suffix(".csv"), index=False)
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in shown.itertuples(index=False)]
-    write_text_atomic(out_stem.with_suffix(".md"), "\n".join(lines) + "\n")
-    escaped = shown.map(lambda v: str(v).replace("_", r"\_"))
-    escaped.columns = [c.replace("_", r"\_") for c in shown.columns]
-    write_text_atomic(out_stem.with_suffix(".tex"), escaped.to_latex(index=False))
+    write_text_atomic(out_stem.with_suffix(".csv"), to_csv(frame))
+    write_text_atomic(out_stem.with_suffix(".md"), to_markdown(shown))
+    write_text_atomic(out_stem.with_suffix(".tex"), to_latex(shown))
     return frame
 
 

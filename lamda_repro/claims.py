@@ -18,6 +18,7 @@ docs/outputs.md); the LaMDA benchmark file is read defensively. Runs of the publ
 code's LaMDA (method type ``lamda_reference``, known defective) stay in the tables but do not
 count for the paper's claims.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,17 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
-from lamda_repro.tables import (cell_summary, finetune_frame, format_count,
-                                higher_is_better, is_lamda_type, lora_ratios, lora_reference,
-                                ratio, record_scale)
+from lamda_repro.tables import (
+    cell_summary,
+    finetune_frame,
+    format_count,
+    higher_is_better,
+    is_lamda_type,
+    lora_ratios,
+    lora_reference,
+    ratio,
+    record_scale,
+)
 
 VERDICT_NOT_RUN = "not yet run"
 VERDICT_REPRODUCED = "reproduced"
@@ -51,8 +60,8 @@ BENCH_FILE = "lamda_bench.json"
 # spec.run.{model, variant, lora_rank}, params.{non_embedding, non_embedding_base} and these
 # metrics (first key present wins).
 RECURSIVE_FIELDS = {
-    "accuracy": ("average",),                                   # mean few-shot accuracy, 0..1
-    "speedup": ("throughput_speedup", "cdb_speedup"),           # CDB + early exit over vanilla
+    "accuracy": ("average",),  # mean few-shot accuracy, 0..1
+    "speedup": ("throughput_speedup", "cdb_speedup"),  # CDB + early exit over vanilla
 }
 
 
@@ -61,6 +70,7 @@ class ReferenceFileError(ValueError):
 
 
 # --- the reference file ---------------------------------------------------------------------
+
 
 @dataclass
 class Reference:
@@ -72,12 +82,16 @@ class Reference:
     paper_models: tuple[str, ...] = ()
     path: str = ""
 
-    def table_value(self, family: str, task: str, model: str, method: str,
-                    metric: str) -> float | None:
+    def table_value(self, family: str, task: str, model: str, method: str, metric: str) -> float | None:
         """The paper's number for one table cell, or None when the reference does not hold it."""
         for row in self.table_rows:
-            if (row.get("family"), row.get("task"), row.get("model"), row.get("method"),
-                    row.get("metric")) == (family, task, model, method, metric):
+            if (
+                row.get("family"),
+                row.get("task"),
+                row.get("model"),
+                row.get("method"),
+                row.get("metric"),
+            ) == (family, task, model, method, metric):
                 value = row.get("value")
                 return None if value is None else float(value)
         return None
@@ -91,8 +105,7 @@ def parse_reference(data: Any, where: str = "reference") -> Reference:
     if not isinstance(data, dict):
         raise ReferenceFileError(f"{where}: top level must be a mapping")
     if data.get("schema_version") != 1:
-        raise ReferenceFileError(
-            f"{where}: schema_version must be 1, got {data.get('schema_version')!r}")
+        raise ReferenceFileError(f"{where}: schema_version must be 1, got {data.get('schema_version')!r}")
     papers = data.get("papers") or {}
     if not isinstance(papers, dict):
         raise ReferenceFileError(f"{where}: papers must be a mapping")
@@ -134,8 +147,9 @@ def parse_reference(data: Any, where: str = "reference") -> Reference:
     models = data.get("paper_models") or []
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ReferenceFileError(f"{where}: paper_models must be a list of model ids")
-    return Reference(papers=papers, claims=list(claims), table_rows=list(rows),
-                     paper_models=tuple(models), path=where)
+    return Reference(
+        papers=papers, claims=list(claims), table_rows=list(rows), paper_models=tuple(models), path=where
+    )
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -152,18 +166,25 @@ def load_reference(path: str | Path) -> Reference:
 
 # --- parameter-count arithmetic (pure) ------------------------------------------------------
 
+
 def lora_matrix_parameters(d_in: int, d_out: int, rank: int) -> int:
     """Trainable parameters of one LoRA pair (A: r x d_in, B: d_out x r), rank capped by shape."""
     r = min(rank, d_in, d_out)
     return r * (d_in + d_out)
 
 
-def llama_adapted_shapes(hidden: int, intermediate: int, kv_dim: int | None = None
-                         ) -> list[tuple[int, int]]:
+def llama_adapted_shapes(hidden: int, intermediate: int, kv_dim: int | None = None) -> list[tuple[int, int]]:
     """(d_in, d_out) of q, k, v, o, gate, up, down in one Llama/Gemma-style decoder layer."""
     kv = hidden if kv_dim is None else kv_dim
-    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
-            (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+    return [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, intermediate),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ]
 
 
 def lora_count(layers: int, shapes: list[tuple[int, int]], rank: int) -> int:
@@ -175,27 +196,32 @@ def lamda_s_only_count(layers: int, matrices_per_layer: int, rank: int) -> int:
     return layers * matrices_per_layer * rank * rank
 
 
-def gemma_layer_parameters(hidden: int, heads: int, kv_heads: int, head_dim: int,
-                           intermediate: int) -> int:
+def gemma_layer_parameters(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> int:
     """One Gemma decoder layer: attention and gated MLP (no biases) plus its two RMSNorm weights."""
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     mlp = 3 * hidden * intermediate
     return attention + mlp + 2 * hidden
 
 
-def recursive_counts(geometry: dict[str, int], ranks: tuple[int, ...] = (64, 512)
-                     ) -> dict[str, int]:
+def recursive_counts(geometry: dict[str, int], ranks: tuple[int, ...] = (64, 512)) -> dict[str, int]:
     """Vanilla, recursive and relaxed non-embedding counts from a decoder geometry."""
     layers, loops = geometry["layers"], geometry["loops"]
-    p_layer = gemma_layer_parameters(geometry["hidden"], geometry["heads"], geometry["kv_heads"],
-                                     geometry["head_dim"], geometry["intermediate"])
-    shapes = [(geometry["hidden"], geometry["heads"] * geometry["head_dim"]),
-              (geometry["hidden"], geometry["kv_heads"] * geometry["head_dim"]),
-              (geometry["hidden"], geometry["kv_heads"] * geometry["head_dim"]),
-              (geometry["heads"] * geometry["head_dim"], geometry["hidden"]),
-              (geometry["hidden"], geometry["intermediate"]),
-              (geometry["hidden"], geometry["intermediate"]),
-              (geometry["intermediate"], geometry["hidden"])]
+    p_layer = gemma_layer_parameters(
+        geometry["hidden"],
+        geometry["heads"],
+        geometry["kv_heads"],
+        geometry["head_dim"],
+        geometry["intermediate"],
+    )
+    shapes = [
+        (geometry["hidden"], geometry["heads"] * geometry["head_dim"]),
+        (geometry["hidden"], geometry["kv_heads"] * geometry["head_dim"]),
+        (geometry["hidden"], geometry["kv_heads"] * geometry["head_dim"]),
+        (geometry["heads"] * geometry["head_dim"], geometry["hidden"]),
+        (geometry["hidden"], geometry["intermediate"]),
+        (geometry["hidden"], geometry["intermediate"]),
+        (geometry["intermediate"], geometry["hidden"]),
+    ]
     out = {"vanilla": layers * p_layer, "recursive": (layers // loops) * p_layer}
     for r in ranks:
         out[f"relaxed_r{r}"] = out["recursive"] + lora_count(layers, shapes, r)
@@ -204,31 +230,35 @@ def recursive_counts(geometry: dict[str, int], ranks: tuple[int, ...] = (64, 512
 
 # --- evidence and results -------------------------------------------------------------------
 
+
 @dataclass
 class Evidence:
     """Everything the rules may read, computed once from the records."""
 
-    cells: pd.DataFrame                 # finetune cell summary with LoRA ratios
-    recursive: list[dict[str, Any]]     # recursive records
-    bench: Any = None                   # parsed bench JSON, or None
-    bench_note: str = ""                # why the bench file could not be used
+    cells: pd.DataFrame  # finetune cell summary with LoRA ratios
+    recursive: list[dict[str, Any]]  # recursive records
+    bench: Any = None  # parsed bench JSON, or None
+    bench_note: str = ""  # why the bench file could not be used
     paper_models: tuple[str, ...] = ()  # model ids that make a run paper scale
 
     @classmethod
-    def from_records(cls, records: list[dict[str, Any]], bench_dir: str | Path | None = None,
-                     paper_models: tuple[str, ...] = ()) -> "Evidence":
+    def from_records(
+        cls,
+        records: list[dict[str, Any]],
+        bench_dir: str | Path | None = None,
+        paper_models: tuple[str, ...] = (),
+    ) -> "Evidence":
         paper_models = tuple(paper_models)
         cells = lora_ratios(cell_summary(finetune_frame(records, paper_models)))
         recursive = [r for r in records if r.get("kind") == "recursive"]
         bench, note = load_bench(bench_dir)
-        return cls(cells=cells, recursive=recursive, bench=bench, bench_note=note,
-                   paper_models=paper_models)
+        return cls(cells=cells, recursive=recursive, bench=bench, bench_note=note, paper_models=paper_models)
 
 
 @dataclass
 class ClaimResult:
     measured: str
-    scale: str      # "paper", "smoke", "arithmetic" or "—"
+    scale: str  # "paper", "smoke", "arithmetic" or "—"
     verdict: str
 
 
@@ -251,8 +281,7 @@ def _bench_rows(bench: Any) -> list[dict[str, Any]]:
     if isinstance(bench, list):
         rows = bench
     elif isinstance(bench, dict):
-        rows = next((bench[k] for k in ("results", "rows", "runs")
-                     if isinstance(bench.get(k), list)), [])
+        rows = next((bench[k] for k in ("results", "rows", "runs") if isinstance(bench.get(k), list)), [])
     else:
         rows = []
     return [r for r in rows if isinstance(r, dict)]
@@ -286,8 +315,11 @@ def bench_lamda_ratios(bench: Any, suffix: str) -> dict[str, float]:
     for lamda in (r for r in rows if is_claim_lamda(kind(r))):
         for lora in (r for r in rows if kind(r) == "lora" and rank(r) == rank(lamda)):
             for key, value in lamda.items():
-                if key.endswith(suffix) and isinstance(value, (int, float)) \
-                        and isinstance(lora.get(key), (int, float)):
+                if (
+                    key.endswith(suffix)
+                    and isinstance(value, (int, float))
+                    and isinstance(lora.get(key), (int, float))
+                ):
                     value_ratio = ratio(float(lora[key]), float(value))
                     if not math.isnan(value_ratio):
                         best[key] = max(best.get(key, 0.0), value_ratio)
@@ -315,8 +347,9 @@ def _direction_verdict(ok: bool, scale: str) -> str:
     return VERDICT_SMOKE if ok else VERDICT_SMOKE_NOT
 
 
-def _threshold_verdict(measured: float, claimed: float | None, tolerance: float, scale: str,
-                       smoke_ok: bool) -> str:
+def _threshold_verdict(
+    measured: float, claimed: float | None, tolerance: float, scale: str, smoke_ok: bool
+) -> str:
     if scale == "paper":
         if claimed is None:
             return _direction_verdict(smoke_ok, scale)
@@ -352,6 +385,7 @@ def _where(row: pd.Series) -> str:
 
 # --- the rules ------------------------------------------------------------------------------
 
+
 def check_lamda_quality(claim: dict, ev: Evidence) -> ClaimResult:
     pairs, scale = _pairs_at_best_scale(ev.cells)
     pairs = [(a, b) for a, b in pairs if not (math.isnan(a["mean"]) or math.isnan(b["mean"]))]
@@ -366,30 +400,36 @@ def check_lamda_quality(claim: dict, ev: Evidence) -> ClaimResult:
         if gap < worst_gap:
             worst, worst_gap = (lamda, lora), gap
     lamda, lora = worst
-    measured = (f"{within}/{len(pairs)} LaMDA-vs-LoRA pairs within {tol:.0%} of LoRA; worst "
-                f"{_where(lamda)}: {lamda['primary_metric']} {lamda['mean']:.4g} vs LoRA "
-                f"{lora['mean']:.4g} ({worst_gap:+.1%})")
+    measured = (
+        f"{within}/{len(pairs)} LaMDA-vs-LoRA pairs within {tol:.0%} of LoRA; worst "
+        f"{_where(lamda)}: {lamda['primary_metric']} {lamda['mean']:.4g} vs LoRA "
+        f"{lora['mean']:.4g} ({worst_gap:+.1%})"
+    )
     return ClaimResult(measured, scale, _direction_verdict(within == len(pairs), scale))
 
 
 def check_lamda_update_ratio(claim: dict, ev: Evidence) -> ClaimResult:
     pairs, scale = _pairs_at_best_scale(ev.cells)
-    rated = [(a, a["updates_lora_ratio"]) for a, _ in pairs
-             if not math.isnan(a["updates_lora_ratio"])]
+    rated = [(a, a["updates_lora_ratio"]) for a, _ in pairs if not math.isnan(a["updates_lora_ratio"])]
     if not rated:
-        return ClaimResult("no LaMDA run with parameter updates and a LoRA run at equal rank",
-                           "—", VERDICT_NOT_RUN)
+        return ClaimResult(
+            "no LaMDA run with parameter updates and a LoRA run at equal rank", "—", VERDICT_NOT_RUN
+        )
     best_row, best = max(rated, key=lambda t: t[1])
-    measured = (f"up to {best:.2f}x fewer parameter updates than LoRA ({_where(best_row)}: "
-                f"{format_count(best_row['parameter_updates'])} updates, "
-                f"{format_count(best_row['trainable_end'])} trainable at the end); "
-                f"{len(rated)} pair(s)")
+    measured = (
+        f"up to {best:.2f}x fewer parameter updates than LoRA ({_where(best_row)}: "
+        f"{format_count(best_row['parameter_updates'])} updates, "
+        f"{format_count(best_row['trainable_end'])} trainable at the end); "
+        f"{len(rated)} pair(s)"
+    )
     run_updates = bench_lamda_ratios(ev.bench, "run_updates") if ev.bench is not None else {}
     if run_updates:
         measured += "; bench (LoRA / LaMDA over a whole run): " + ", ".join(
-            f"{k} {v:.2f}x" for k, v in sorted(run_updates.items()))
-    verdict = _threshold_verdict(best, claim.get("value"), float(claim.get("tolerance") or 0.0),
-                                 scale, best > 1.0)
+            f"{k} {v:.2f}x" for k, v in sorted(run_updates.items())
+        )
+    verdict = _threshold_verdict(
+        best, claim.get("value"), float(claim.get("tolerance") or 0.0), scale, best > 1.0
+    )
     return ClaimResult(measured, scale, verdict)
 
 
@@ -398,8 +438,7 @@ def check_lamda_memory_ratio(claim: dict, ev: Evidence) -> ClaimResult:
     parts, smoke_ok, paper_value = [], None, math.nan
     if pairs:
         saved = [a["saved_lora_ratio"] for a, _ in pairs if not math.isnan(a["saved_lora_ratio"])]
-        state = [a["train_state_lora_ratio"] for a, _ in pairs
-                 if not math.isnan(a["train_state_lora_ratio"])]
+        state = [a["train_state_lora_ratio"] for a, _ in pairs if not math.isnan(a["train_state_lora_ratio"])]
         if saved:
             parts.append(f"saved-for-backward bytes LoRA/LaMDA up to {max(saved):.2f}x")
         if state:
@@ -407,32 +446,38 @@ def check_lamda_memory_ratio(claim: dict, ev: Evidence) -> ClaimResult:
         if saved or state:
             smoke_ok = all(v > 1.0 for v in saved + state)
             parts.append(f"LaMDA below LoRA in every pair: {'yes' if smoke_ok else 'no'}")
-        gpu = [ratio(b["peak_bytes"], a["peak_bytes"]) for a, b in pairs
-               if a.get("peak_kind") == "cuda_allocated" and b.get("peak_kind") == "cuda_allocated"]
+        gpu = [
+            ratio(b["peak_bytes"], a["peak_bytes"])
+            for a, b in pairs
+            if a.get("peak_kind") == "cuda_allocated" and b.get("peak_kind") == "cuda_allocated"
+        ]
         gpu = [g for g in gpu if not math.isnan(g)]
         if gpu:
             paper_value = max(gpu)
             parts.append(f"peak GPU memory LoRA/LaMDA up to {paper_value:.2f}x")
         else:
-            parts.append("no GPU peak memory in the records "
-                         "(CPU RSS is process-wide, not compared)")
+            parts.append("no GPU peak memory in the records (CPU RSS is process-wide, not compared)")
     bench = bench_memory_ratios(ev.bench) if ev.bench is not None else {}
     if bench:
         parts.append("bench: " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(bench.items())))
     elif ev.bench is not None:
-        parts.append("bench file present but its format was not recognised "
-                     "(no LoRA and LaMDA rows at equal rank)")
+        parts.append(
+            "bench file present but its format was not recognised (no LoRA and LaMDA rows at equal rank)"
+        )
     else:
         parts.append("bench: not yet run")
     if smoke_ok is None and not bench:
-        return ClaimResult("; ".join(parts) if pairs else
-                           "no LaMDA run with a LoRA run at equal rank; bench: not yet run",
-                           "—", VERDICT_NOT_RUN)
+        return ClaimResult(
+            "; ".join(parts) if pairs else "no LaMDA run with a LoRA run at equal rank; bench: not yet run",
+            "—",
+            VERDICT_NOT_RUN,
+        )
     if smoke_ok is None:  # no byte counts in the records: the bench decides the direction
         smoke_ok = all(v > 1.0 for v in bench.values())
     if scale == "paper" and not math.isnan(paper_value):
-        verdict = _threshold_verdict(paper_value, claim.get("value"),
-                                     float(claim.get("tolerance") or 0.0), "paper", True)
+        verdict = _threshold_verdict(
+            paper_value, claim.get("value"), float(claim.get("tolerance") or 0.0), "paper", True
+        )
     elif scale == "paper":
         # Paper-scale runs without an allocator peak: only the exact bytes can be compared.
         verdict = VERDICT_PAPER_NO_PEAK if smoke_ok else VERDICT_NOT_REPRODUCED
@@ -453,8 +498,7 @@ def check_lamda_geometry(claim: dict, ev: Evidence) -> ClaimResult:
         return ClaimResult("geometry incomplete in the reference file", "—", VERDICT_UNCHECKED)
     expected = (values.get(f"lora_r{r}"), values.get(f"lamda_s_only_r{r}"))
     ok = expected == (lora, lamda)
-    measured = (f"computed: LoRA r={r} {lora:,}; LaMDA S-only {lamda:,} "
-                f"(ratio {lora / lamda:.1f}x)")
+    measured = f"computed: LoRA r={r} {lora:,}; LaMDA S-only {lamda:,} (ratio {lora / lamda:.1f}x)"
     return ClaimResult(measured, "arithmetic", VERDICT_ARITHMETIC if ok else VERDICT_ARITHMETIC_NOT)
 
 
@@ -474,8 +518,7 @@ def recursive_kind(run: dict[str, Any]) -> str:
     return variant
 
 
-def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] = ()
-                   ) -> list[dict[str, Any]]:
+def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Successful recursive records as flat dicts (see RECURSIVE_FIELDS for what is read)."""
     rows = []
     for rec in records:
@@ -484,23 +527,26 @@ def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] 
         spec = rec.get("spec") or {}
         run = spec.get("run") or {}
         metrics, params = rec.get("metrics") or {}, rec.get("params") or {}
-        rows.append({
-            "run_id": rec.get("run_id"),
-            "base": str(run.get("model") or ""),
-            "kind": recursive_kind(run),
-            "rank": run.get("lora_rank"),
-            "acc": _first(metrics, RECURSIVE_FIELDS["accuracy"]),
-            "speedup": _first(metrics, RECURSIVE_FIELDS["speedup"]),
-            "non_embedding": _first(params, ("non_embedding",)),
-            "non_embedding_base": _first(params, ("non_embedding_base",)),
-            "scale": record_scale(spec, paper_models),
-        })
+        rows.append(
+            {
+                "run_id": rec.get("run_id"),
+                "base": str(run.get("model") or ""),
+                "kind": recursive_kind(run),
+                "rank": run.get("lora_rank"),
+                "acc": _first(metrics, RECURSIVE_FIELDS["accuracy"]),
+                "speedup": _first(metrics, RECURSIVE_FIELDS["speedup"]),
+                "non_embedding": _first(params, ("non_embedding",)),
+                "non_embedding_base": _first(params, ("non_embedding_base",)),
+                "scale": record_scale(spec, paper_models),
+            }
+        )
     return rows
 
 
 def _best(rows, kinds, base=None) -> dict | None:
-    rows = [r for r in rows if r["kind"] in kinds and r["acc"] is not None
-            and (base is None or r["base"] == base)]
+    rows = [
+        r for r in rows if r["kind"] in kinds and r["acc"] is not None and (base is None or r["base"] == base)
+    ]
     return max(rows, key=lambda r: (r["acc"], r["run_id"])) if rows else None
 
 
@@ -524,22 +570,37 @@ def check_recursive_beats_baselines(claim: dict, ev: Evidence) -> ClaimResult:
     for base in _bases(rows, "recursive"):
         rec = _best(rows, ("recursive",), base)
         size = rec["non_embedding"] or math.inf
-        others = [r for r in rows if r["acc"] is not None and (
-            (r["base"] == base and r["kind"] in ("truncated", "scratch"))
-            or (r["base"] != base and r["kind"] == "original"
-                and r["non_embedding"] is not None and r["non_embedding"] <= 1.25 * size))]
+        others = [
+            r
+            for r in rows
+            if r["acc"] is not None
+            and (
+                (r["base"] == base and r["kind"] in ("truncated", "scratch"))
+                or (
+                    r["base"] != base
+                    and r["kind"] == "original"
+                    and r["non_embedding"] is not None
+                    and r["non_embedding"] <= 1.25 * size
+                )
+            )
+        ]
         if not others:
             continue
         strongest = max(others, key=lambda r: (r["acc"], r["run_id"]))
         margin = rec["acc"] - strongest["acc"]
         oks.append(margin > 0)
-        parts.append(f"{base}: recursive {rec['acc']:.2%} vs best baseline {strongest['run_id']} "
-                     f"({strongest['kind']}) {strongest['acc']:.2%} ({100 * margin:+.1f} points; "
-                     f"{len(others)} baseline(s))")
+        parts.append(
+            f"{base}: recursive {rec['acc']:.2%} vs best baseline {strongest['run_id']} "
+            f"({strongest['kind']}) {strongest['acc']:.2%} ({100 * margin:+.1f} points; "
+            f"{len(others)} baseline(s))"
+        )
     if not oks:
-        return ClaimResult("needs a recursive run and a truncated/scratch run of the same model "
-                           "(or a similar-size original) with an average accuracy", "—",
-                           VERDICT_NOT_RUN)
+        return ClaimResult(
+            "needs a recursive run and a truncated/scratch run of the same model "
+            "(or a similar-size original) with an average accuracy",
+            "—",
+            VERDICT_NOT_RUN,
+        )
     return ClaimResult("; ".join(parts), scale, _direction_verdict(all(oks), scale))
 
 
@@ -554,14 +615,20 @@ def check_recursive_gain_over_scratch(claim: dict, ev: Evidence) -> ClaimResult:
         error_reduction = ratio(rec["acc"] - scratch["acc"], 1 - scratch["acc"])
         gains.append(gain)
         reduction = "n/a" if math.isnan(error_reduction) else f"{error_reduction:.0%}"
-        parts.append(f"{base}: {gain:+.1f} points ({rec['acc']:.2%} vs scratch "
-                     f"{scratch['acc']:.2%}); error reduction {reduction}")
+        parts.append(
+            f"{base}: {gain:+.1f} points ({rec['acc']:.2%} vs scratch "
+            f"{scratch['acc']:.2%}); error reduction {reduction}"
+        )
     if not gains:
-        return ClaimResult("needs a recursive run and a scratch run of the same model with an "
-                           "average accuracy", "—", VERDICT_NOT_RUN)
+        return ClaimResult(
+            "needs a recursive run and a scratch run of the same model with an average accuracy",
+            "—",
+            VERDICT_NOT_RUN,
+        )
     worst = min(gains)
-    verdict = _threshold_verdict(worst, claim.get("value"), float(claim.get("tolerance") or 0.0),
-                                 scale, worst > 0)
+    verdict = _threshold_verdict(
+        worst, claim.get("value"), float(claim.get("tolerance") or 0.0), scale, worst > 0
+    )
     return ClaimResult("; ".join(parts), scale, verdict)
 
 
@@ -575,11 +642,16 @@ def check_relaxed_on_par(claim: dict, ev: Evidence) -> ClaimResult:
             continue
         ok = relaxed["acc"] >= full["acc"] * (1 - tol)
         oks.append(ok)
-        parts.append(f"{base}: best relaxed r={relaxed['rank']} {relaxed['acc']:.2%} vs full "
-                     f"size {full['acc']:.2%}")
+        parts.append(
+            f"{base}: best relaxed r={relaxed['rank']} {relaxed['acc']:.2%} vs full size {full['acc']:.2%}"
+        )
     if not oks:
-        return ClaimResult("needs a relaxed run (recursive with lora_rank) and an original run "
-                           "of the same model with an average accuracy", "—", VERDICT_NOT_RUN)
+        return ClaimResult(
+            "needs a relaxed run (recursive with lora_rank) and an original run "
+            "of the same model with an average accuracy",
+            "—",
+            VERDICT_NOT_RUN,
+        )
     parts.append(f"on par = within {tol:.0%}")
     return ClaimResult("; ".join(parts), scale, _direction_verdict(all(oks), scale))
 
@@ -588,13 +660,21 @@ def check_cdb_throughput(claim: dict, ev: Evidence) -> ClaimResult:
     rows, scale = _recursive_at_best_scale(ev)
     rated = [r for r in rows if r["speedup"] is not None]
     if not rated:
-        return ClaimResult("no recursive record with a CDB + early-exit throughput speedup "
-                           f"(metrics {' / '.join(RECURSIVE_FIELDS['speedup'])})",
-                           "—", VERDICT_NOT_RUN)
+        return ClaimResult(
+            "no recursive record with a CDB + early-exit throughput speedup "
+            f"(metrics {' / '.join(RECURSIVE_FIELDS['speedup'])})",
+            "—",
+            VERDICT_NOT_RUN,
+        )
     best = max(rated, key=lambda r: (r["speedup"], r["run_id"]))
     measured = f"up to {best['speedup']:.2f}x throughput over vanilla ({best['run_id']})"
-    verdict = _threshold_verdict(best["speedup"], claim.get("value"),
-                                 float(claim.get("tolerance") or 0.0), scale, best["speedup"] > 1.0)
+    verdict = _threshold_verdict(
+        best["speedup"],
+        claim.get("value"),
+        float(claim.get("tolerance") or 0.0),
+        scale,
+        best["speedup"] > 1.0,
+    )
     return ClaimResult(measured, scale, verdict)
 
 
@@ -604,16 +684,18 @@ def check_recursive_counts(claim: dict, ev: Evidence) -> ClaimResult:
         counts = recursive_counts({k: int(v) for k, v in geo.items()})
     except (KeyError, TypeError, ValueError):
         return ClaimResult("geometry incomplete in the reference file", "—", VERDICT_UNCHECKED)
-    ok = all(name in counts and round(counts[name] / 1e9, 2) == round(float(v) / 1e9, 2)
-             for name, v in values.items())
-    parts = ["computed: " + ", ".join(f"{k} {counts[k]:,} ({_billions(counts[k])})"
-                                      for k in counts)]
+    ok = all(
+        name in counts and round(counts[name] / 1e9, 2) == round(float(v) / 1e9, 2)
+        for name, v in values.items()
+    )
+    parts = ["computed: " + ", ".join(f"{k} {counts[k]:,} ({_billions(counts[k])})" for k in counts)]
     for row in recursive_rows(ev.recursive, ev.paper_models):
         if row["kind"] == "recursive" and row["non_embedding"] and row["non_embedding_base"]:
-            parts.append(f"record {row['run_id']}: recursive/original non-embedding "
-                         f"{row['non_embedding'] / row['non_embedding_base']:.3f}")
-    return ClaimResult("; ".join(parts), "arithmetic",
-                       VERDICT_ARITHMETIC if ok else VERDICT_ARITHMETIC_NOT)
+            parts.append(
+                f"record {row['run_id']}: recursive/original non-embedding "
+                f"{row['non_embedding'] / row['non_embedding_base']:.3f}"
+            )
+    return ClaimResult("; ".join(parts), "arithmetic", VERDICT_ARITHMETIC if ok else VERDICT_ARITHMETIC_NOT)
 
 
 CHECKS: dict[str, Callable[[dict, Evidence], ClaimResult]] = {
@@ -631,6 +713,7 @@ CHECKS: dict[str, Callable[[dict, Evidence], ClaimResult]] = {
 
 # --- the ledger -----------------------------------------------------------------------------
 
+
 def _billions(value: float) -> str:
     return f"{value / 1e9:.2f}B"
 
@@ -639,8 +722,7 @@ def _paper_value(claim: dict) -> str:
     values = claim.get("values")
     if values:
         large = all(float(v) >= 1e8 for v in values.values())
-        return ", ".join(f"{k}: {_billions(float(v)) if large else f'{int(v):,}'}"
-                         for k, v in values.items())
+        return ", ".join(f"{k}: {_billions(float(v)) if large else f'{int(v):,}'}" for k, v in values.items())
     value = claim.get("value")
     if value is None:
         return "qualitative"
@@ -655,21 +737,25 @@ def evaluate_claims(reference: Reference, evidence: Evidence) -> list[dict[str, 
     rows = []
     for claim in reference.claims:
         check = claim.get("check")
-        result = (CHECKS[check](claim, evidence) if check else
-                  ClaimResult("—", "—", VERDICT_UNCHECKED))
-        source = claim["source"] if claim["source_kind"] == "paper" else \
-            f"{claim['source']} [{claim['source_kind']}]"
+        result = CHECKS[check](claim, evidence) if check else ClaimResult("—", "—", VERDICT_UNCHECKED)
+        source = (
+            claim["source"]
+            if claim["source_kind"] == "paper"
+            else f"{claim['source']} [{claim['source_kind']}]"
+        )
         paper = reference.papers.get(claim["paper"], {})
-        rows.append({
-            "id": claim["id"],
-            "paper": f"{claim['paper']} (arXiv {paper.get('arxiv', '?')})",
-            "claim": claim["claim"],
-            "source": source,
-            "paper value": _paper_value(claim),
-            "this suite": result.measured,
-            "scale": result.scale,
-            "verdict": result.verdict,
-        })
+        rows.append(
+            {
+                "id": claim["id"],
+                "paper": f"{claim['paper']} (arXiv {paper.get('arxiv', '?')})",
+                "claim": claim["claim"],
+                "source": source,
+                "paper value": _paper_value(claim),
+                "this suite": result.measured,
+                "scale": result.scale,
+                "verdict": result.verdict,
+            }
+        )
     return rows
 
 
@@ -697,12 +783,28 @@ def claims_markdown(rows: list[dict[str, str]], bench_note: str = "") -> str:
     if not rows:
         lines += ["No claims in the reference file.", ""]
         return "\n".join(lines)
-    table = pd.DataFrame(rows, columns=["id", "paper", "claim", "source", "paper value",
-                                        "this suite", "scale", "verdict"])
+    table = pd.DataFrame(
+        rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
+    )
     return "\n".join(lines) + "\n" + to_markdown(table)
 
 
-__all__ = ["Reference", "ReferenceFileError", "load_reference", "parse_reference", "Evidence",
-           "ClaimResult", "CHECKS", "evaluate_claims", "claims_markdown", "lora_count",
-           "lamda_s_only_count", "llama_adapted_shapes", "recursive_counts",
-           "gemma_layer_parameters", "bench_memory_ratios", "recursive_rows", "RECURSIVE_FIELDS"]
+__all__ = [
+    "Reference",
+    "ReferenceFileError",
+    "load_reference",
+    "parse_reference",
+    "Evidence",
+    "ClaimResult",
+    "CHECKS",
+    "evaluate_claims",
+    "claims_markdown",
+    "lora_count",
+    "lamda_s_only_count",
+    "llama_adapted_shapes",
+    "recursive_counts",
+    "gemma_layer_parameters",
+    "bench_memory_ratios",
+    "recursive_rows",
+    "RECURSIVE_FIELDS",
+]

@@ -1,4 +1,5 @@
 """Command line of the suite: ``lamda-repro <command>``. The Snakemake rules call these."""
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def cmd_prepare_data(args) -> int:
 def cmd_build_model(args) -> int:
     from lamda_repro.models import build_model
 
-    path = build_model(args.name, _json_arg(args.entry, "--entry"), args.workdir, args.data_files,
-                       seed=args.seed)
+    path = build_model(
+        args.name, _json_arg(args.entry, "--entry"), args.workdir, args.data_files, seed=args.seed
+    )
     print(f"built model {args.name!r} at {path}")
     return 0
 
@@ -73,14 +75,22 @@ def cmd_run(args) -> int:
         spec = RunSpec.from_dict(json.loads(args.spec))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ConfigError(f"--spec: not a run spec ({str(exc).splitlines()[0]})") from None
-    rec = run_finetune(spec, args.out, workdir=args.workdir, device=args.device,
-                       threads=args.threads, offline=not args.online)
+    rec = run_finetune(
+        spec,
+        args.out,
+        workdir=args.workdir,
+        device=args.device,
+        threads=args.threads,
+        offline=not args.online,
+    )
     if rec["status"] != "success":
         print(f"run {spec.run_id} FAILED: {rec['error']} (record: {args.out})", file=sys.stderr)
         return 1 if args.strict else 0
     pm = rec.get("primary_metric")
-    print(f"run {spec.run_id} done: {pm}={rec['metrics'].get(pm)} "
-          f"trainable={rec['params'].get('trainable')} wall={rec['wall_time_s']}s")
+    print(
+        f"run {spec.run_id} done: {pm}={rec['metrics'].get(pm)} "
+        f"trainable={rec['params'].get('trainable')} wall={rec['wall_time_s']}s"
+    )
     return 0
 
 
@@ -138,8 +148,10 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args) or 0)
     except (ConfigError, MethodConfigError) as exc:

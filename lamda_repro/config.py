@@ -6,6 +6,7 @@ The config is validated in two passes before any job runs:
    naming an unknown method), each method's and task's own parameters, data generators.
 Every problem is reported as one line naming the key and the problem.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
 
 
 # -- schema checking with readable errors ---------------------------------------------------
+
 
 def _format_path(where: str, path) -> str:
     out = where
@@ -82,6 +84,7 @@ def check_against_schema(data: Any, schema: dict, where: str = "") -> None:
     errors = list(validator.iter_errors(data))
     if not errors:
         return
+
     # Report the deepest error of the first failing location: it names the key most precisely.
     def depth(e):
         return len(list(e.absolute_path))
@@ -98,6 +101,7 @@ def load_schema() -> dict:
 
 
 # -- loading -------------------------------------------------------------------------------
+
 
 def _deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
@@ -151,8 +155,16 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 # defaults (e.g. GSM8K needs longer answers than E2E).
 GENERATION_DEFAULTS: dict[str, Any] = {}
 TOP_DEFAULTS: dict[str, Any] = {
-    "scale": "smoke", "workdir": "work", "results_dir": "results", "offline": True, "device": "auto", "threads": 0,
-    "data": {}, "models": {}, "tasks": {}, "methods": {},
+    "scale": "smoke",
+    "workdir": "work",
+    "results_dir": "results",
+    "offline": True,
+    "device": "auto",
+    "threads": 0,
+    "data": {},
+    "models": {},
+    "tasks": {},
+    "methods": {},
 }
 
 
@@ -164,6 +176,7 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- validation ----------------------------------------------------------------------------
+
 
 def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None:
     where = f"models.{name}"
@@ -178,14 +191,16 @@ def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None
         if entry["tokenizer"]["data"] not in data:
             raise ConfigError(
                 f"{where}.tokenizer.data: unknown data set {entry['tokenizer']['data']!r}"
-                f" (defined: {', '.join(sorted(data)) or 'none'})")
+                f" (defined: {', '.join(sorted(data)) or 'none'})"
+            )
 
 
 def _check_refs(where: str, names: list[str], defined: dict, what: str) -> None:
     for i, n in enumerate(names):
         if n not in defined:
-            raise ConfigError(f"{where}[{i}]: unknown {what} {n!r} "
-                              f"(defined: {', '.join(sorted(defined)) or 'none'})")
+            raise ConfigError(
+                f"{where}[{i}]: unknown {what} {n!r} (defined: {', '.join(sorted(defined)) or 'none'})"
+            )
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -202,8 +217,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     gens = generator_names()
     for name, entry in cfg["data"].items():
         if entry["generator"] not in gens:
-            raise ConfigError(f"data.{name}.generator: unknown generator {entry['generator']!r} "
-                              f"(known: {', '.join(gens)})")
+            raise ConfigError(
+                f"data.{name}.generator: unknown generator {entry['generator']!r} (known: {', '.join(gens)})"
+            )
     for name, entry in cfg["models"].items():
         _check_model(name, entry, cfg["data"])
     for name, entry in cfg["tasks"].items():
@@ -213,8 +229,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"tasks.{name}.type: {exc}") from None
         cls.check_params(entry, f"tasks.{name}")
         if "data" in entry and entry["data"] not in cfg["data"]:
-            raise ConfigError(f"tasks.{name}.data: unknown data set {entry['data']!r} "
-                              f"(defined: {', '.join(sorted(cfg['data'])) or 'none'})")
+            raise ConfigError(
+                f"tasks.{name}.data: unknown data set {entry['data']!r} "
+                f"(defined: {', '.join(sorted(cfg['data'])) or 'none'})"
+            )
     for name, entry in cfg["methods"].items():
         try:
             cls = get_method_class(entry["type"])
@@ -223,8 +241,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         params = {k: v for k, v in entry.items() if k != "training"}
         cls.check_params(params, f"methods.{name}")
         if "training" in entry:
-            check_against_schema(entry["training"], {"$ref": "config.schema.yaml#/$defs/training"},
-                                 f"methods.{name}.training")
+            check_against_schema(
+                entry["training"], {"$ref": "config.schema.yaml#/$defs/training"}, f"methods.{name}.training"
+            )
     for name, exp in cfg["experiments"].items():
         where = f"experiments.{name}"
         _check_refs(f"{where}.models", exp["models"], cfg["models"], "model")
@@ -232,8 +251,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         _check_refs(f"{where}.methods", exp["methods"], cfg["methods"], "method")
         kinds = {get_task_class(cfg["tasks"][t]["type"]).task_kind for t in exp["tasks"]}
         if len(kinds) > 1:
-            raise ConfigError(f"{where}.tasks: mixes task kinds {sorted(kinds)}; "
-                              "one experiment uses one model head (split it in two)")
+            raise ConfigError(
+                f"{where}.tasks: mixes task kinds {sorted(kinds)}; "
+                "one experiment uses one model head (split it in two)"
+            )
     rec = cfg.get("recursive")
     if rec and rec.get("enabled", True):
         from lamda_repro.recursive.runner import resolve_section
@@ -248,6 +269,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- run specs -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -305,12 +327,21 @@ def expand_runs(config: dict[str, Any]) -> list[RunSpec]:
                     generation = {**base_gen, **exp.get("generation", {})}
                     mparams = {k: v for k, v in mentry.items() if k != "training"}
                     for seed in exp.get("seeds", [0]):
-                        runs.append(RunSpec(
-                            experiment=exp_name, family=family, task=task,
-                            task_params=copy.deepcopy(tparams), model=model,
-                            model_params=copy.deepcopy(cfg["models"][model]),
-                            method=method, method_type=mentry["type"],
-                            method_params=copy.deepcopy(mparams), seed=int(seed),
-                            training=training, generation=generation,
-                            scale=cfg.get("scale", "smoke")))
+                        runs.append(
+                            RunSpec(
+                                experiment=exp_name,
+                                family=family,
+                                task=task,
+                                task_params=copy.deepcopy(tparams),
+                                model=model,
+                                model_params=copy.deepcopy(cfg["models"][model]),
+                                method=method,
+                                method_type=mentry["type"],
+                                method_params=copy.deepcopy(mparams),
+                                seed=int(seed),
+                                training=training,
+                                generation=generation,
+                                scale=cfg.get("scale", "smoke"),
+                            )
+                        )
     return runs

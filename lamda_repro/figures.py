@@ -6,6 +6,7 @@ when every task succeeded). The Pareto front (less cost, more quality) is drawn 
 (experiment, model). Output names are fixed per family so that the workflow knows them ahead of
 time; PNG and PDF are written without timestamps so the same records give the same files.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from lamda_repro.results import write_bytes_atomic  # noqa: E402
 from lamda_repro.tables import FAMILY_TITLES, row_average  # noqa: E402
@@ -26,8 +27,7 @@ from lamda_repro.tables import FAMILY_TITLES, row_average  # noqa: E402
 # x axis name -> (cell column, axis label, log scale)
 X_AXES = {
     "params": ("trainable", "trainable parameters", True),
-    "train_state": ("train_state_bytes",
-                    "train state (params + grads + optimizer + saved) [MiB]", True),
+    "train_state": ("train_state_bytes", "train state (params + grads + optimizer + saved) [MiB]", True),
     "peak_memory": ("peak_bytes", "peak memory [MiB]", False),
 }
 FORMATS = ("png", "pdf")
@@ -47,8 +47,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     front = []
     for i in valid:
         xi, yi = points[i]
-        dominated = any((points[j][0] <= xi and points[j][1] >= yi)
-                        and (points[j][0] < xi or points[j][1] > yi) for j in valid if j != i)
+        dominated = any(
+            (points[j][0] <= xi and points[j][1] >= yi) and (points[j][0] < xi or points[j][1] > yi)
+            for j in valid
+            if j != i
+        )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
@@ -59,14 +62,19 @@ def family_points(cells: pd.DataFrame, family: str, measure: str) -> pd.DataFram
     cells = cells[cells["family"] == family]
     rows = []
     tasks = sorted(cells["task"].unique())
-    for (experiment, model, method), group in cells.groupby(["experiment", "model", "method"],
-                                                            sort=True):
-        by_task = [group[group["task"] == t].iloc[0] if (group["task"] == t).any() else None
-                   for t in tasks]
+    for (experiment, model, method), group in cells.groupby(["experiment", "model", "method"], sort=True):
+        by_task = [group[group["task"] == t].iloc[0] if (group["task"] == t).any() else None for t in tasks]
         y = row_average(by_task)
         x = group[measure].dropna()
-        rows.append({"experiment": experiment, "model": model, "method": method,
-                     "x": float(x.mean()) if len(x) else math.nan, "y": y})
+        rows.append(
+            {
+                "experiment": experiment,
+                "model": model,
+                "method": method,
+                "x": float(x.mean()) if len(x) else math.nan,
+                "y": y,
+            }
+        )
     return pd.DataFrame(rows, columns=["experiment", "model", "method", "x", "y"])
 
 
@@ -83,8 +91,9 @@ def _save(fig, stem: Path) -> list[str]:
     return paths
 
 
-def plot_points(points: pd.DataFrame, xlabel: str, ylabel: str, title: str, log_x: bool,
-                stem: Path, x_scale: float = 1.0) -> list[str]:
+def plot_points(
+    points: pd.DataFrame, xlabel: str, ylabel: str, title: str, log_x: bool, stem: Path, x_scale: float = 1.0
+) -> list[str]:
     """Scatter with method labels and a Pareto step line per (experiment, model); PNG + PDF.
 
     ``log_x`` asks for a log x axis; it is used when the x values span at least a factor 10.
@@ -93,8 +102,16 @@ def plot_points(points: pd.DataFrame, xlabel: str, ylabel: str, title: str, log_
     usable = points.dropna(subset=["x", "y"])
     usable = usable[usable["x"] > 0] if log_x else usable
     if usable.empty:
-        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes,
-                fontsize=14, color="0.4")
+        ax.text(
+            0.5,
+            0.5,
+            "no runs yet",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=14,
+            color="0.4",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     else:
@@ -105,14 +122,28 @@ def plot_points(points: pd.DataFrame, xlabel: str, ylabel: str, title: str, log_
             ys = group["y"].tolist()
             label = model if len({g[0][0] for g in groups}) == 1 else f"{experiment}/{model}"
             ax.scatter(xs, ys, marker=markers[gi % len(markers)], s=40, label=label, zorder=3)
-            for x, y, method in zip(xs, ys, group["method"]):
+            for x, y, method in zip(xs, ys, group["method"], strict=True):
                 ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            front = pareto_front(list(zip(xs, ys)))
-            ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=110,
-                       facecolors="none", edgecolors="black", linewidths=0.8, zorder=4)
+            front = pareto_front(list(zip(xs, ys, strict=True)))
+            ax.scatter(
+                [xs[i] for i in front],
+                [ys[i] for i in front],
+                s=110,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=0.8,
+                zorder=4,
+            )
             if len(front) > 1:
-                ax.step([xs[i] for i in front], [ys[i] for i in front], where="post",
-                        linestyle="--", linewidth=1, color="0.5", zorder=2)
+                ax.step(
+                    [xs[i] for i in front],
+                    [ys[i] for i in front],
+                    where="post",
+                    linestyle="--",
+                    linewidth=1,
+                    color="0.5",
+                    zorder=2,
+                )
         xs_all = usable["x"] / x_scale
         if log_x and xs_all.max() >= 10 * xs_all.min():  # log only where it spreads the points
             ax.set_xscale("log")
@@ -131,13 +162,22 @@ def write_family_figures(cells: pd.DataFrame, family: str, out_dir: str | Path) 
     paths = []
     title = FAMILY_TITLES.get(family, family)
     for axis, (measure, label, log_x) in X_AXES.items():
-        points = family_points(cells, family, measure) if not cells.empty else \
-            pd.DataFrame(columns=["experiment", "model", "method", "x", "y"])
+        points = (
+            family_points(cells, family, measure)
+            if not cells.empty
+            else pd.DataFrame(columns=["experiment", "model", "method", "x", "y"])
+        )
         scale = (1 << 20) if measure.endswith("_bytes") else 1.0
-        paths += plot_points(points, label, "avg over tasks of the primary metric", title, log_x,
-                             out_dir / f"{family}_quality_vs_{axis}", x_scale=scale)
+        paths += plot_points(
+            points,
+            label,
+            "avg over tasks of the primary metric",
+            title,
+            log_x,
+            out_dir / f"{family}_quality_vs_{axis}",
+            x_scale=scale,
+        )
     return paths
 
 
-__all__ = ["pareto_front", "family_points", "plot_points", "write_family_figures",
-           "figure_names", "X_AXES"]
+__all__ = ["pareto_front", "family_points", "plot_points", "write_family_figures", "figure_names", "X_AXES"]

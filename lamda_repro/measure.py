@@ -4,6 +4,7 @@ Everything here measures the real objects (modules, optimizers, autograd graph);
 estimated from formulas. Formula-based counts for configs too large to allocate live next to
 the methods (e.g. lamda_repro.methods.lamda) and in lamda_repro.recursive.counts.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 
 # -- parameters ----------------------------------------------------------------------------
+
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameter elements; tensors shared between modules count once."""
@@ -74,13 +76,15 @@ def optimizer_state_elements(optimizer: torch.optim.Optimizer, params: Iterable[
 
 # -- activations saved for backward --------------------------------------------------------
 
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     s = t.untyped_storage()
     return (str(t.device), s.data_ptr())
 
 
-def saved_for_backward_bytes(fn: Callable[[], torch.Tensor], model: nn.Module | None = None,
-                             backward: bool = True) -> int:
+def saved_for_backward_bytes(
+    fn: Callable[[], torch.Tensor], model: nn.Module | None = None, backward: bool = True
+) -> int:
     """Bytes of distinct storages that autograd saves for backward while ``fn()`` runs.
 
     ``fn`` runs a forward pass and returns a scalar loss. Storages of the model's parameters
@@ -110,6 +114,7 @@ def saved_for_backward_bytes(fn: Callable[[], torch.Tensor], model: nn.Module | 
 
 
 # -- peak memory ---------------------------------------------------------------------------
+
 
 def _read_status_kib(field: str) -> int | None:
     try:
@@ -192,6 +197,7 @@ class PeakMemory:
 
 
 # -- parameter updates and throughput during training ---------------------------------------
+
 
 def default_updated_elements(optimizer: torch.optim.Optimizer) -> int:
     """Elements of the optimizer's parameters that have a gradient at this step."""

@@ -5,6 +5,7 @@ entry opts in. Tiny smoke models are built once from a transformers config plus 
 tokenizer trained on a generated data set, saved as an artifact folder, and then loaded
 through exactly the same ``from_pretrained`` path as a Hub model.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,9 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]",
-                  "eos_token": "[EOS]", "mask_token": "[MASK]", "cls_token": "[CLS]",
-                  "sep_token": "[SEP]"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "bos_token": "[BOS]",
+    "eos_token": "[EOS]",
+    "mask_token": "[MASK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+}
 ENCODER_DECODER_TYPES = {"bart", "t5", "mbart", "marian", "pegasus"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta"}
 
@@ -26,8 +33,9 @@ class ModelSourceError(ValueError):
 def package_model_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(f"model package {package!r} is not installed "
-                               f"(pip install {package.replace('_', '-')})")
+        raise ModelSourceError(
+            f"model package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").exists():
         raise ModelSourceError(f"model package {package!r} has no model/config.json")
@@ -54,8 +62,9 @@ def resolve_model_source(entry: dict[str, Any], name: str, workdir: str) -> tupl
     if src == "build":
         path = built_model_dir(workdir, name)
         if not (path / "config.json").exists():
-            raise ModelSourceError(f"model {name!r} is not built yet: run `lamda-repro build-model` "
-                                   f"(expected {path})")
+            raise ModelSourceError(
+                f"model {name!r} is not built yet: run `lamda-repro build-model` (expected {path})"
+            )
         return str(path), {}
     raise ModelSourceError(f"models.{name}.source: unknown source {src!r}")
 
@@ -80,8 +89,7 @@ def load_tokenizer(entry: dict[str, Any], name: str, workdir: str):
     return tok
 
 
-def load_model(entry: dict[str, Any], name: str, workdir: str, task_kind: str,
-               num_labels: int | None = None):
+def load_model(entry: dict[str, Any], name: str, workdir: str, task_kind: str, num_labels: int | None = None):
     """Load (model, tokenizer) for a task kind; seq-cls gets a fresh head of ``num_labels``."""
     import torch
 
@@ -102,6 +110,7 @@ def load_model(entry: dict[str, Any], name: str, workdir: str, task_kind: str,
 
 
 # -- tiny models built from configs ----------------------------------------------------------
+
 
 def _texts_of(rows: list[dict[str, Any]]):
     for r in rows:
@@ -126,13 +135,17 @@ def build_word_tokenizer(texts, vocab_size: int, model_type: str):
     if model_type in ENCODER_TYPES:
         cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
         tk.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
     elif model_type in ENCODER_DECODER_TYPES:
         bos_id, eos_id = tk.token_to_id("[BOS]"), tk.token_to_id("[EOS]")
         tk.post_processor = processors.TemplateProcessing(
-            single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B [EOS]",
-            special_tokens=[("[BOS]", bos_id), ("[EOS]", eos_id)])
+            single="[BOS] $A [EOS]",
+            pair="[BOS] $A [EOS] $B [EOS]",
+            special_tokens=[("[BOS]", bos_id), ("[EOS]", eos_id)],
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIAL_TOKENS)
 
 
@@ -149,8 +162,12 @@ def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list
     model_type = model_cfg.pop("model_type")
     tok = build_word_tokenizer(_texts_of(rows), entry["tokenizer"].get("vocab_size", 2000), model_type)
     ids = {k.replace("_token", "_token_id"): tok.convert_tokens_to_ids(v) for k, v in SPECIAL_TOKENS.items()}
-    cfg_kwargs = {"vocab_size": len(tok), "pad_token_id": ids["pad_token_id"],
-                  "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}
+    cfg_kwargs = {
+        "vocab_size": len(tok),
+        "pad_token_id": ids["pad_token_id"],
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+    }
     if model_type in ENCODER_DECODER_TYPES:
         cfg_kwargs["decoder_start_token_id"] = ids["bos_token_id"]
         cfg_kwargs["forced_eos_token_id"] = ids["eos_token_id"]

@@ -7,6 +7,7 @@ With ``--families`` the set of files written is fixed in advance (``aggregate_ou
 workflow can list them as outputs; a family without records still gets its table ("no runs yet")
 and its figures. The same records give byte-identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def parse_families(text: str | None) -> list[str] | None:
     families = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in families if f not in FINETUNE_FAMILIES]
     if unknown:
-        raise AggregateError(f"unknown families {unknown}; known: {', '.join(FINETUNE_FAMILIES)} "
-                             "(recursive records have their own table: recursive-table)")
+        raise AggregateError(
+            f"unknown families {unknown}; known: {', '.join(FINETUNE_FAMILIES)} "
+            "(recursive records have their own table: recursive-table)"
+        )
     return sorted(set(families), key=families.index)
 
 
@@ -53,8 +56,13 @@ def aggregate_outputs(out: str | Path, families: list[str]) -> list[str]:
     return paths
 
 
-def aggregate(runs_dir: str | Path, bench_dir: str | Path | None, reference_path: str | Path,
-              out: str | Path, families: list[str] | None = None) -> list[str]:
+def aggregate(
+    runs_dir: str | Path,
+    bench_dir: str | Path | None,
+    reference_path: str | Path,
+    out: str | Path,
+    families: list[str] | None = None,
+) -> list[str]:
     """Write every table, figure and the claims ledger; return the paths written."""
     from lamda_repro import tables
     from lamda_repro.claims import Evidence, claims_markdown, evaluate_claims, load_reference
@@ -69,38 +77,50 @@ def aggregate(runs_dir: str | Path, bench_dir: str | Path | None, reference_path
     cells = tables.cell_summary(frame)
     present = sorted(set(frame["family"]))
     if families is None:
-        families = [f for f in FINETUNE_FAMILIES if f in present] + \
-            sorted(f for f in present if f not in FINETUNE_FAMILIES)
+        families = [f for f in FINETUNE_FAMILIES if f in present] + sorted(
+            f for f in present if f not in FINETUNE_FAMILIES
+        )
     extra = [f for f in present if f not in families]
     if extra:
-        print(f"aggregate: records of families {extra} are not in --families; writing their "
-              "tables and figures too", file=sys.stderr)
+        print(
+            f"aggregate: records of families {extra} are not in --families; writing their "
+            "tables and figures too",
+            file=sys.stderr,
+        )
 
     written = []
     scale_note = _scale_note(frame)
     for family in [*families, *extra]:
         table = tables.family_table(cells, family, reference)
-        notes = [scale_note,
-                 "Rows: methods (`this suite` = seed mean ± std of the run records; `paper` = the "
-                 "reference file, `n/a` where unknown). Cells: `failed` = a run failed, `—` = no "
-                 "run. Accuracy-type metrics in percent points; `avg` only when every task "
-                 "succeeded (higher-is-better metrics)."]
-        written += tables.write_table(table, tables_dir / family,
-                                      tables.FAMILY_TITLES.get(family, family), notes)
+        notes = [
+            scale_note,
+            "Rows: methods (`this suite` = seed mean ± std of the run records; `paper` = the "
+            "reference file, `n/a` where unknown). Cells: `failed` = a run failed, `—` = no "
+            "run. Accuracy-type metrics in percent points; `avg` only when every task "
+            "succeeded (higher-is-better metrics).",
+        ]
+        written += tables.write_table(
+            table, tables_dir / family, tables.FAMILY_TITLES.get(family, family), notes
+        )
         written += write_family_figures(cells, family, figures_dir)
     written += tables.write_table(
-        tables.measurements_table(cells), tables_dir / "measurements", "Measurements",
-        [scale_note, "`X LoRA/this` = the LoRA run of the same experiment/task/model at the "
-         "same rank divided by this run (higher = this method needs less). Bytes are exact "
-         "(parameters, gradients, optimizer state, activations saved for backward); peak "
-         "memory is the allocator peak on CUDA and the process high-water mark on CPU."])
+        tables.measurements_table(cells),
+        tables_dir / "measurements",
+        "Measurements",
+        [
+            scale_note,
+            "`X LoRA/this` = the LoRA run of the same experiment/task/model at the "
+            "same rank divided by this run (higher = this method needs less). Bytes are exact "
+            "(parameters, gradients, optimizer state, activations saved for backward); peak "
+            "memory is the allocator peak on CUDA and the process high-water mark on CPU.",
+        ],
+    )
     runs_csv = tables_dir / "runs.csv"
     write_text_atomic(runs_csv, tables.to_csv(frame))
     written.append(str(runs_csv))
 
     evidence = Evidence.from_records(records, bench_dir, reference.paper_models)
-    ledger = claims_markdown(evaluate_claims(reference, evidence),
-                             bench_note=evidence.bench_note)
+    ledger = claims_markdown(evaluate_claims(reference, evidence), bench_note=evidence.bench_note)
     claims_path = out / CLAIMS_FILE
     write_text_atomic(claims_path, ledger)
     written.append(str(claims_path))
@@ -124,24 +144,34 @@ def run_aggregate(args: argparse.Namespace) -> int:
     tables_n = sum(1 for p in written if f"/{TABLES_DIR}/" in p)
     figures_n = sum(1 for p in written if f"/{FIGURES_DIR}/" in p)
     out = Path(args.out)
-    print(f"wrote {tables_n} table files to {out / TABLES_DIR}, {figures_n} figure files to "
-          f"{out / FIGURES_DIR}, claims ledger to {out / CLAIMS_FILE}")
+    print(
+        f"wrote {tables_n} table files to {out / TABLES_DIR}, {figures_n} figure files to "
+        f"{out / FIGURES_DIR}, claims ledger to {out / CLAIMS_FILE}"
+    )
     return 0
 
 
 def add_cli(subparsers) -> None:
     """Register the ``aggregate`` subcommand."""
-    p = subparsers.add_parser("aggregate", help="run records -> tables, figures, claims ledger",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "aggregate",
+        help="run records -> tables, figures, claims ledger",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--runs-dir", default="results/runs", help="root of the run records")
-    p.add_argument("--bench-dir", default="results/bench",
-                   help="folder of the LaMDA benchmark output (lamda_bench.json)")
-    p.add_argument("--reference", default="results/reference/papers.yaml",
-                   help="reference file of the papers' numbers")
+    p.add_argument(
+        "--bench-dir", default="results/bench", help="folder of the LaMDA benchmark output (lamda_bench.json)"
+    )
+    p.add_argument(
+        "--reference", default="results/reference/papers.yaml", help="reference file of the papers' numbers"
+    )
     p.add_argument("--out", default="results", help="writes tables/, figures/ and claims.md here")
-    p.add_argument("--families", default=None,
-                   help="comma-separated fine-tuning families to write tables/figures for "
-                        f"({','.join(FINETUNE_FAMILIES)}); default: those present in the records")
+    p.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated fine-tuning families to write tables/figures for "
+        f"({','.join(FINETUNE_FAMILIES)}); default: those present in the records",
+    )
     p.set_defaults(func=run_aggregate)
 
 

@@ -18,6 +18,7 @@ Record layout (``schema_version`` 1; see docs/records.md):
     started_at, finished_at   ISO-8601 UTC
     env             dict  versions of key packages, git revision, hardware
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -33,8 +34,16 @@ from typing import Any, Iterable
 SCHEMA_VERSION = 1
 STATUSES = ("success", "failed")
 _KEY_PACKAGES = (
-    "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "lm_eval",
-    "snakemake", "numpy", "pandas",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "lm_eval",
+    "snakemake",
+    "numpy",
+    "pandas",
 )
 
 
@@ -91,8 +100,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write strict JSON (NaN/inf become null) atomically."""
-    text = json.dumps(_sanitize(data), indent=2, sort_keys=False, default=_json_default,
-                      allow_nan=False)
+    text = json.dumps(_sanitize(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     write_text_atomic(path, text + "\n")
 
 
@@ -152,15 +160,21 @@ def find_records(root: str | os.PathLike, kind: str | None = None) -> list[dict[
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
         return None
     rev = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=5).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout.strip()
     return rev + ("-dirty" if dirty else "")
 
 

@@ -15,6 +15,7 @@ Display rules: a cell with any failed seed shows ``failed`` (never a number), a 
 record shows ``—``, a paper number that the reference file does not hold shows ``n/a``.
 Accuracy-type metrics are shown in percent points, as the papers print them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,21 @@ PAPER_ROW = "paper"
 
 # Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them). ROUGE and
 # BLEU are recorded on 0-100 already (lamda_repro.tasks.metrics) and shown as they are.
-PERCENT_METRICS = frozenset({
-    "accuracy", "acc", "f1", "matthews_correlation", "mcc", "pearson", "spearmanr", "spearman",
-    "exact_match", "em", "avg_accuracy",
-})
+PERCENT_METRICS = frozenset(
+    {
+        "accuracy",
+        "acc",
+        "f1",
+        "matthews_correlation",
+        "mcc",
+        "pearson",
+        "spearmanr",
+        "spearman",
+        "exact_match",
+        "em",
+        "avg_accuracy",
+    }
+)
 LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "eval_loss", "loss", "word_perplexity"})
 _METHOD_TYPE_ORDER = ("full", "lora", "lora_fa", "lorafa", "pissa", "dora", "adalora", "vera")
 
@@ -69,12 +81,34 @@ def display_scale(metric: str | None) -> float:
 # --- step 1: tidy frame ---------------------------------------------------------------------
 
 FRAME_COLUMNS = (
-    "run_id", "experiment", "family", "task", "model", "method", "method_type", "rank", "seed",
-    "status", "error", "primary_metric", "score", "trainable", "trainable_end", "total",
+    "run_id",
+    "experiment",
+    "family",
+    "task",
+    "model",
+    "method",
+    "method_type",
+    "rank",
+    "seed",
+    "status",
+    "error",
+    "primary_metric",
+    "score",
+    "trainable",
+    "trainable_end",
+    "total",
     "parameter_updates",
-    "peak_bytes", "peak_kind", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-    "saved_for_backward_bytes", "train_state_bytes", "train_samples_per_s", "train_tokens_per_s",
-    "wall_time_s", "scale",
+    "peak_bytes",
+    "peak_kind",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "saved_for_backward_bytes",
+    "train_state_bytes",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+    "wall_time_s",
+    "scale",
 )
 
 
@@ -106,14 +140,12 @@ def record_scale(spec: dict[str, Any], paper_models: Iterable[str] = ()) -> str:
         return str(scale)
     names = set(paper_models)
     for entry in (spec.get("model_params"), spec.get("model")):
-        if isinstance(entry, dict) and any(isinstance(v, str) and v in names
-                                           for v in entry.values()):
+        if isinstance(entry, dict) and any(isinstance(v, str) and v in names for v in entry.values()):
             return "paper"
     return "smoke"
 
 
-def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str] = ()
-                   ) -> pd.DataFrame:
+def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str] = ()) -> pd.DataFrame:
     """One row per fine-tuning record (other kinds skipped); numbers as floats, NaN = absent."""
     rows, paper_models = [], tuple(paper_models)
     for rec in records:
@@ -131,48 +163,60 @@ def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str
         throughput = rec.get("throughput") or {}
         primary = rec.get("primary_metric")
         success = rec.get("status") == "success"
-        rows.append({
-            "run_id": rec.get("run_id"),
-            "experiment": str(spec["experiment"]),
-            "family": str(spec["family"]),
-            "task": str(spec["task"]),
-            "model": str(spec["model"]),
-            "method": str(spec["method"]),
-            "method_type": str(spec.get("method_type") or ""),
-            "rank": method_rank(spec),
-            "seed": _number(spec.get("seed")),
-            "status": "success" if success else "failed",
-            "error": rec.get("error") or "",
-            "primary_metric": primary or "",
-            "score": _number(metrics.get(primary)) if (success and primary) else math.nan,
-            "trainable": _number(params.get("trainable")),
-            "trainable_end": _number(params.get("trainable_after_training",
-                                                params.get("trainable"))),
-            "total": _number(params.get("total")),
-            "parameter_updates": _number(rec.get("parameter_updates")),
-            "peak_bytes": _number(memory.get("peak_bytes")),
-            "peak_kind": str(memory.get("peak_kind") or ""),
-            "param_bytes": _number(memory.get("param_bytes")),
-            "grad_bytes": _number(memory.get("grad_bytes")),
-            "optimizer_state_bytes": _number(memory.get("optimizer_state_bytes")),
-            "saved_for_backward_bytes": _number(memory.get("saved_for_backward_bytes")),
-            "train_state_bytes": _number(memory.get("train_state_bytes")),
-            "train_samples_per_s": _number(throughput.get("train_samples_per_s")),
-            "train_tokens_per_s": _number(throughput.get("train_tokens_per_s")),
-            "wall_time_s": _number(rec.get("wall_time_s")),
-            "scale": record_scale(spec, paper_models),
-        })
+        rows.append(
+            {
+                "run_id": rec.get("run_id"),
+                "experiment": str(spec["experiment"]),
+                "family": str(spec["family"]),
+                "task": str(spec["task"]),
+                "model": str(spec["model"]),
+                "method": str(spec["method"]),
+                "method_type": str(spec.get("method_type") or ""),
+                "rank": method_rank(spec),
+                "seed": _number(spec.get("seed")),
+                "status": "success" if success else "failed",
+                "error": rec.get("error") or "",
+                "primary_metric": primary or "",
+                "score": _number(metrics.get(primary)) if (success and primary) else math.nan,
+                "trainable": _number(params.get("trainable")),
+                "trainable_end": _number(params.get("trainable_after_training", params.get("trainable"))),
+                "total": _number(params.get("total")),
+                "parameter_updates": _number(rec.get("parameter_updates")),
+                "peak_bytes": _number(memory.get("peak_bytes")),
+                "peak_kind": str(memory.get("peak_kind") or ""),
+                "param_bytes": _number(memory.get("param_bytes")),
+                "grad_bytes": _number(memory.get("grad_bytes")),
+                "optimizer_state_bytes": _number(memory.get("optimizer_state_bytes")),
+                "saved_for_backward_bytes": _number(memory.get("saved_for_backward_bytes")),
+                "train_state_bytes": _number(memory.get("train_state_bytes")),
+                "train_samples_per_s": _number(throughput.get("train_samples_per_s")),
+                "train_tokens_per_s": _number(throughput.get("train_tokens_per_s")),
+                "wall_time_s": _number(rec.get("wall_time_s")),
+                "scale": record_scale(spec, paper_models),
+            }
+        )
     frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
-    return frame.sort_values(["experiment", "family", "task", "model", "method", "seed"],
-                             kind="stable").reset_index(drop=True)
+    return frame.sort_values(
+        ["experiment", "family", "task", "model", "method", "seed"], kind="stable"
+    ).reset_index(drop=True)
 
 
 # --- step 2: per-cell summary ---------------------------------------------------------------
 
 CELL_KEYS = ["experiment", "family", "task", "model", "method"]
-_MEASURES = ("trainable", "trainable_end", "total", "parameter_updates", "peak_bytes",
-             "train_state_bytes", "saved_for_backward_bytes", "optimizer_state_bytes", "train_samples_per_s",
-             "train_tokens_per_s", "wall_time_s")
+_MEASURES = (
+    "trainable",
+    "trainable_end",
+    "total",
+    "parameter_updates",
+    "peak_bytes",
+    "train_state_bytes",
+    "saved_for_backward_bytes",
+    "optimizer_state_bytes",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+    "wall_time_s",
+)
 
 
 def _mean(values: pd.Series) -> float:
@@ -190,23 +234,35 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     for key, group in frame.groupby(CELL_KEYS, sort=True):
         ok = group[group["status"] == "success"]
         scores = ok["score"].dropna()
-        row = dict(zip(CELL_KEYS, key))
-        row.update({
-            "method_type": group["method_type"].iloc[0],
-            "rank": group["rank"].iloc[0],
-            "primary_metric": next((m for m in group["primary_metric"] if m), ""),
-            "n_seeds": int(len(group)),
-            "n_failed": int((group["status"] != "success").sum()),
-            "mean": float(scores.mean()) if len(scores) else math.nan,
-            "std": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
-            "scale": group["scale"].iloc[0],
-            "peak_kind": next((k for k in ok["peak_kind"] if k), ""),
-        })
+        row = dict(zip(CELL_KEYS, key, strict=True))
+        row.update(
+            {
+                "method_type": group["method_type"].iloc[0],
+                "rank": group["rank"].iloc[0],
+                "primary_metric": next((m for m in group["primary_metric"] if m), ""),
+                "n_seeds": int(len(group)),
+                "n_failed": int((group["status"] != "success").sum()),
+                "mean": float(scores.mean()) if len(scores) else math.nan,
+                "std": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
+                "scale": group["scale"].iloc[0],
+                "peak_kind": next((k for k in ok["peak_kind"] if k), ""),
+            }
+        )
         for measure in _MEASURES:
             row[measure] = _mean(ok[measure])
         out.append(row)
-    columns = CELL_KEYS + ["method_type", "rank", "primary_metric", "n_seeds", "n_failed", "mean",
-                           "std", "scale", "peak_kind", *_MEASURES]
+    columns = CELL_KEYS + [
+        "method_type",
+        "rank",
+        "primary_metric",
+        "n_seeds",
+        "n_failed",
+        "mean",
+        "std",
+        "scale",
+        "peak_kind",
+        *_MEASURES,
+    ]
     return pd.DataFrame(out, columns=columns)
 
 
@@ -214,9 +270,14 @@ def lora_reference(cells: pd.DataFrame, row: pd.Series) -> pd.Series | None:
     """The LoRA cell at the same experiment/task/model and rank as ``row`` (None if absent)."""
     if math.isnan(row["rank"]):
         return None
-    same = cells[(cells["experiment"] == row["experiment"]) & (cells["task"] == row["task"])
-                 & (cells["model"] == row["model"]) & (cells["method_type"] == "lora")
-                 & (cells["rank"] == row["rank"]) & (cells["n_failed"] == 0)]
+    same = cells[
+        (cells["experiment"] == row["experiment"])
+        & (cells["task"] == row["task"])
+        & (cells["model"] == row["model"])
+        & (cells["method_type"] == "lora")
+        & (cells["rank"] == row["rank"])
+        & (cells["n_failed"] == 0)
+    ]
     return None if same.empty else same.iloc[0]
 
 
@@ -231,19 +292,21 @@ def lora_ratios(cells: pd.DataFrame) -> pd.DataFrame:
     """Add the LoRA / this ratios ``updates_lora_ratio``, ``train_state_lora_ratio`` and
     ``saved_lora_ratio`` (NaN without a LoRA cell at equal rank)."""
     cells = cells.copy()
-    for name, measure in (("updates_lora_ratio", "parameter_updates"),
-                          ("train_state_lora_ratio", "train_state_bytes"),
-                          ("saved_lora_ratio", "saved_for_backward_bytes")):
+    for name, measure in (
+        ("updates_lora_ratio", "parameter_updates"),
+        ("train_state_lora_ratio", "train_state_bytes"),
+        ("saved_lora_ratio", "saved_for_backward_bytes"),
+    ):
         values = []
         for _, row in cells.iterrows():
             ref = lora_reference(cells, row)
-            values.append(math.nan if ref is None or row["n_failed"]
-                          else ratio(ref[measure], row[measure]))
+            values.append(math.nan if ref is None or row["n_failed"] else ratio(ref[measure], row[measure]))
         cells[name] = values
     return cells
 
 
 # --- formatting -----------------------------------------------------------------------------
+
 
 def format_count(value: float) -> str:
     """Parameter counts: 917.5K, 1.23M, 1.98B; plain below 1000."""
@@ -335,6 +398,7 @@ def row_average(cells: list[pd.Series | None]) -> float:
 
 # --- step 3: display tables -----------------------------------------------------------------
 
+
 def no_runs_table(what: str) -> pd.DataFrame:
     return pd.DataFrame({"status": [f"no runs yet ({what})"]})
 
@@ -361,42 +425,70 @@ def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFra
     rows = []
     for (experiment, model), group in cells.groupby(["experiment", "model"], sort=True):
         methods = group[["method", "method_type"]].drop_duplicates()
-        order = sorted(methods.itertuples(index=False),
-                       key=lambda m: _method_sort_key(m.method, m.method_type))
+        order = sorted(
+            methods.itertuples(index=False), key=lambda m: _method_sort_key(m.method, m.method_type)
+        )
         for method, _ in order:
             mine = group[group["method"] == method]
-            by_task = {t: (mine[mine["task"] == t].iloc[0] if (mine["task"] == t).any() else None)
-                       for t in tasks}
+            by_task = {
+                t: (mine[mine["task"] == t].iloc[0] if (mine["task"] == t).any() else None) for t in tasks
+            }
             ok = mine[mine["n_failed"] == 0]
             row = {
-                "experiment": experiment, "model": model, "method": method, "row": SUITE_ROW,
+                "experiment": experiment,
+                "model": model,
+                "method": method,
+                "row": SUITE_ROW,
                 "trainable params": _format_range(ok["trainable"], format_count),
                 "peak memory": _format_range(ok["peak_bytes"], format_bytes),
                 "train state": _format_range(ok["train_state_bytes"], format_bytes),
             }
             if ok.empty and len(mine):
-                row.update({"trainable params": FAILED, "peak memory": FAILED,
-                            "train state": FAILED})
-            for t, column in zip(tasks, task_columns):
+                row.update({"trainable params": FAILED, "peak memory": FAILED, "train state": FAILED})
+            for t, column in zip(tasks, task_columns, strict=True):
                 row[column] = cell_text(by_task[t])
             avg = row_average([by_task[t] for t in tasks])
             row["avg"] = MISSING if math.isnan(avg) else f"{avg:.2f}"
             rows.append(row)
-            paper = {"experiment": experiment, "model": model, "method": method, "row": PAPER_ROW,
-                     "trainable params": "", "peak memory": "", "train state": ""}
+            paper = {
+                "experiment": experiment,
+                "model": model,
+                "method": method,
+                "row": PAPER_ROW,
+                "trainable params": "",
+                "peak memory": "",
+                "train state": "",
+            }
             paper_values = []
-            for t, column in zip(tasks, task_columns):
-                value = None if reference is None else reference.table_value(
-                    family=family, task=t, model=model, method=method, metric=metrics[t])
+            for t, column in zip(tasks, task_columns, strict=True):
+                value = (
+                    None
+                    if reference is None
+                    else reference.table_value(
+                        family=family, task=t, model=model, method=method, metric=metrics[t]
+                    )
+                )
                 paper[column] = UNKNOWN_PAPER if value is None else f"{value:.2f}"
                 paper_values.append(value)
-            known = [v for v, t in zip(paper_values, tasks)
-                     if v is not None and higher_is_better(metrics[t])]
+            known = [
+                v
+                for v, t in zip(paper_values, tasks, strict=True)
+                if v is not None and higher_is_better(metrics[t])
+            ]
             complete = all(v is not None for v in paper_values) and known
             paper["avg"] = f"{float(np.mean(known)):.2f}" if complete else UNKNOWN_PAPER
             rows.append(paper)
-    columns = ["experiment", "model", "method", "row", "trainable params", "peak memory",
-               "train state", *task_columns, "avg"]
+    columns = [
+        "experiment",
+        "model",
+        "method",
+        "row",
+        "trainable params",
+        "peak memory",
+        "train state",
+        *task_columns,
+        "avg",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -406,13 +498,17 @@ def measurements_table(cells: pd.DataFrame) -> pd.DataFrame:
         return no_runs_table("fine-tuning")
     cells = lora_ratios(cells)
     rows = []
-    ordered = sorted(cells.itertuples(index=False),
-                     key=lambda c: (c.experiment, c.family, c.model, c.task,
-                                    _method_sort_key(c.method, c.method_type)))
+    ordered = sorted(
+        cells.itertuples(index=False),
+        key=lambda c: (c.experiment, c.family, c.model, c.task, _method_sort_key(c.method, c.method_type)),
+    )
     for c in ordered:
         failed = c.n_failed and c.n_failed == c.n_seeds
         row = {
-            "experiment": c.experiment, "family": c.family, "model": c.model, "task": c.task,
+            "experiment": c.experiment,
+            "family": c.family,
+            "model": c.model,
+            "task": c.task,
             "method": c.method,
             "rank": MISSING if math.isnan(c.rank) else str(int(c.rank)),
             "seeds": f"{c.n_seeds - c.n_failed}/{c.n_seeds}",
@@ -429,13 +525,19 @@ def measurements_table(cells: pd.DataFrame) -> pd.DataFrame:
             "wall time": format_seconds(c.wall_time_s),
         }
         if failed:
-            row.update({k: FAILED for k in row if k not in
-                        ("experiment", "family", "model", "task", "method", "rank", "seeds")})
+            row.update(
+                {
+                    k: FAILED
+                    for k in row
+                    if k not in ("experiment", "family", "model", "task", "method", "rank", "seeds")
+                }
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 # --- writers --------------------------------------------------------------------------------
+
 
 def _md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -445,14 +547,28 @@ def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no external dependency, stable output)."""
     header = "| " + " | ".join(_md_escape(c) for c in table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(_md_escape(v) for v in row) + " |"
-            for row in table.astype(str).itertuples(index=False)]
+    body = [
+        "| " + " | ".join(_md_escape(v) for v in row) + " |"
+        for row in table.astype(str).itertuples(index=False)
+    ]
     return "\n".join([header, rule, *body]) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "±": r"$\pm$", "—": "---", "–": "--"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "—": "---",
+    "–": "--",
+}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 
@@ -464,8 +580,7 @@ def to_latex(table: pd.DataFrame, caption: str | None = None, label: str | None 
     """A booktabs tabular (``\\toprule``/``\\midrule``/``\\bottomrule``) of the display table."""
     escaped = table.astype(str).map(latex_escape)
     escaped.columns = [latex_escape(c) for c in table.columns]
-    body = escaped.style.hide(axis="index").to_latex(
-        hrules=True, column_format="l" * len(table.columns))
+    body = escaped.style.hide(axis="index").to_latex(hrules=True, column_format="l" * len(table.columns))
     if caption is None and label is None:
         return body
     lines = ["\\begin{table}[t]", "\\centering", "\\small"]

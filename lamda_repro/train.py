@@ -8,6 +8,7 @@ logs) with one small subclass that checks every step's loss for NaN/inf and coun
 tokens. The method decides what trains (``apply``), may bring callbacks (e.g. LaMDA's freeze
 schedule) and its own optimizer (e.g. LoRA-FA); ``UpdateCounter`` counts parameter updates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,14 +83,22 @@ def _make_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise FloatingPointError(
-                    f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}")
+                    f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}"
+                )
             return loss
 
     return SuiteTrainer
 
 
-def run_finetune(spec: RunSpec, out_path: str | Path, workdir: str = "work", device: str = "auto",
-                 threads: int = 0, offline: bool = True, checkpoint_dir: str | None = None) -> dict[str, Any]:
+def run_finetune(
+    spec: RunSpec,
+    out_path: str | Path,
+    workdir: str = "work",
+    device: str = "auto",
+    threads: int = 0,
+    offline: bool = True,
+    checkpoint_dir: str | None = None,
+) -> dict[str, Any]:
     """Train and evaluate one run; always writes a record (status success or failed)."""
     record = new_record(spec.run_id, "finetune", spec.to_dict())
     t_start = time.perf_counter()
@@ -106,10 +115,16 @@ def run_finetune(spec: RunSpec, out_path: str | Path, workdir: str = "work", dev
     return record
 
 
-def _run(spec: RunSpec, record: dict[str, Any], workdir: str, device: str, threads: int,
-         offline: bool, checkpoint_dir: str | None) -> None:
+def _run(
+    spec: RunSpec,
+    record: dict[str, Any],
+    workdir: str,
+    device: str,
+    threads: int,
+    offline: bool,
+    checkpoint_dir: str | None,
+) -> None:
     set_offline(offline)
-    import torch
     from transformers import TrainingArguments, set_seed
 
     from lamda_repro import measure
@@ -125,13 +140,10 @@ def _run(spec: RunSpec, record: dict[str, Any], workdir: str, device: str, threa
     raw = task.load_splits()
     num_labels = task.num_labels if task.task_kind == "seq-cls" else None
     model, tok = load_model(spec.model_params, spec.model, workdir, task.task_kind, num_labels)
-    tokenized = {
-        split: task.tokenize(ds, tok, tr["max_length"]) for split, ds in raw.items()
-    }
+    tokenized = {split: task.tokenize(ds, tok, tr["max_length"]) for split, ds in raw.items()}
     total_steps = _total_steps(len(tokenized["train"]), tr)
     method = build_method(spec.method_params)
-    ctx = MethodContext(task_kind=task.task_kind, model_type=model.config.model_type,
-                        total_steps=total_steps)
+    ctx = MethodContext(task_kind=task.task_kind, model_type=model.config.model_type, total_steps=total_steps)
     record["params"]["base_total"] = measure.count_parameters(model)["total"]
     model = method.apply(model, ctx)
     model.to(device)
@@ -181,8 +193,12 @@ def _run(spec: RunSpec, record: dict[str, Any], workdir: str, device: str, threa
     optimizer = method.create_optimizer(model, tr["lr"], tr["weight_decay"], ctx)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=tokenized["train"], data_collator=collator,
-        processing_class=tok, callbacks=[updates, tokens, *method.callbacks(model, ctx)],
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        data_collator=collator,
+        processing_class=tok,
+        callbacks=[updates, tokens, *method.callbacks(model, ctx)],
         optimizers=(optimizer, None) if optimizer is not None else (None, None),
     )
     trainer.token_counter = tokens
@@ -202,7 +218,7 @@ def _run(spec: RunSpec, record: dict[str, Any], workdir: str, device: str, threa
     for split in tokenized:
         if not split.startswith("eval"):
             continue
-        suffix = split[len("eval"):]
+        suffix = split[len("eval") :]
         m = task.evaluate(model, tok, raw[split], tokenized[split], tr["eval_batch_size"], spec.generation)
         metrics.update({f"{k}{suffix}": float(v) for k, v in m.items()})
     eval_time = time.perf_counter() - t_eval

@@ -1,4 +1,5 @@
 """Shared test setup: offline Hugging Face switches, a private HF_HOME, small fixtures."""
+
 from __future__ import annotations
 
 import os
@@ -45,18 +46,28 @@ def smoke_workdir(tmp_path_factory) -> Path:
     for name, gen in (("sentiment", "sentiment"), ("similarity", "similarity")):
         write_dataset({"generator": gen, "n_train": 64, "n_eval": 32, "seed": 0}, wd / "data" / name)
     entry = tiny_bert_entry()
-    build_model("tiny-bert", entry, str(wd),
-                [str(wd / "data" / "sentiment" / "train.jsonl"),
-                 str(wd / "data" / "similarity" / "train.jsonl")])
+    build_model(
+        "tiny-bert",
+        entry,
+        str(wd),
+        [str(wd / "data" / "sentiment" / "train.jsonl"), str(wd / "data" / "similarity" / "train.jsonl")],
+    )
     return wd
 
 
 def tiny_bert_entry() -> dict:
-    return {"source": "build",
-            "config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "intermediate_size": 64,
-                       "max_position_embeddings": 128},
-            "tokenizer": {"data": "sentiment", "vocab_size": 500}}
+    return {
+        "source": "build",
+        "config": {
+            "model_type": "bert",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+        },
+        "tokenizer": {"data": "sentiment", "vocab_size": 500},
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The peft baselines (LoRA, LoRA-FA, PiSSA, DoRA, AdaLoRA, VeRA) through one table of cases."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,7 @@ METHODS = {
     "lora_fa": {"type": "lora_fa", "r": 4, "alpha": 8, "target_modules": TARGETS},
     "pissa": {"type": "pissa", "r": 4, "alpha": 4, "target_modules": TARGETS},
     "dora": {"type": "dora", "r": 4, "alpha": 8, "target_modules": TARGETS},
-    "adalora": {"type": "adalora", "r": 2, "init_r": 4, "tinit": 1, "tfinal": 1,
-                "target_modules": TARGETS},
+    "adalora": {"type": "adalora", "r": 2, "init_r": 4, "tinit": 1, "tfinal": 1, "target_modules": TARGETS},
     "vera": {"type": "vera", "r": 16, "target_modules": TARGETS},
 }
 
@@ -28,8 +28,15 @@ def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -42,22 +49,41 @@ def toy_batches(n: int = 16, length: int = 12, seed: int = 1):
         label = int(torch.rand((), generator=g) < 0.5)
         if label:
             ids[torch.randint(1, length, (), generator=g)] = 5
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long),
-                     "labels": torch.tensor(label)})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(length, dtype=torch.long),
+                "labels": torch.tensor(label),
+            }
+        )
     return rows
 
 
 def train(model, method, ctx, rows, tmp_path, steps=STEPS):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=steps,
-                             per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
-                             use_cpu=True, save_strategy="no", logging_strategy="no",
-                             disable_tqdm=True, seed=0, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        remove_unused_columns=False,
+    )
     optimizer = method.create_optimizer(model, args.learning_rate, 0.0, ctx)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
-                      callbacks=method.callbacks(model, ctx),
-                      optimizers=(optimizer, None) if optimizer is not None else (None, None))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=default_data_collator,
+        callbacks=method.callbacks(model, ctx),
+        optimizers=(optimizer, None) if optimizer is not None else (None, None),
+    )
     trainer.train()
     model.eval()
     return trainer
@@ -100,8 +126,7 @@ def test_baseline_trains_saves_and_reloads(name, tmp_path):
     assert ours["trainable"] == trainable and ours["total"] == total
     head = [n for n, p in model.named_parameters() if "classifier" in n and p.requires_grad]
     assert head, "classifier head must be trainable for seq-cls"
-    base_frozen = [n for n, p in model.named_parameters()
-                   if "base_layer" in n and p.requires_grad]
+    base_frozen = [n for n, p in model.named_parameters() if "base_layer" in n and p.requires_grad]
     assert not base_frozen
 
     adapter_key = {"vera": "vera_lambda_b", "adalora": "lora_E"}.get(name, "lora_B")
@@ -189,8 +214,18 @@ def test_baseline_on_a_causal_lm(name, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     entry = {**METHODS[name], "target_modules": ["c_attn", "c_proj"]}
     ctx = MethodContext(task_kind="causal-lm", model_type="gpt2", total_steps=4)
     method = build_method(entry)
@@ -198,6 +233,7 @@ def test_baseline_on_a_causal_lm(name, tmp_path):
     assert count_parameters(model)["trainable"] == model.get_nb_trainable_parameters()[0]
     ids = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+
     def loss():
         with torch.no_grad():
             return model.eval()(input_ids=ids, labels=ids).loss.item()
@@ -212,16 +248,24 @@ def test_deberta_head_trains_and_pooler_needs_modules_to_save():
 
     def deberta():
         torch.manual_seed(0)
-        return DebertaV2ForSequenceClassification(DebertaV2Config(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, num_labels=3))
+        return DebertaV2ForSequenceClassification(
+            DebertaV2Config(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=3,
+            )
+        )
 
     ctx = MethodContext(task_kind="seq-cls", model_type="deberta-v2", total_steps=STEPS)
     entry = {"type": "lora", "r": 4, "target_modules": ["query_proj", "value_proj"]}
 
     def trainable_outside_encoder(model):
-        return {n.split(".")[2] for n, p in model.named_parameters()
-                if p.requires_grad and ".encoder." not in n}
+        return {
+            n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and ".encoder." not in n
+        }
 
     assert trainable_outside_encoder(build_method(entry).apply(deberta(), ctx)) == {"classifier"}
     with_pooler = build_method({**entry, "modules_to_save": ["pooler"]}).apply(deberta(), ctx)

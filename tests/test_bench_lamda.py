@@ -1,4 +1,5 @@
 """The LaMDA benchmark on a tiny LLaMA geometry: outputs, exactness of the extrapolation, CLI."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ import pytest
 
 from lamda_repro.bench.cli import add_cli
 from lamda_repro.bench.lamda_bench import BenchConfigError, BenchSettings, run_bench, to_markdown
-
 
 TINY = dict(hidden=64, intermediate=128, heads=4, vocab=97, rank=4, seq=16, steps=1, warmup=1, run_steps=20)
 
@@ -33,12 +33,20 @@ def test_rows_and_lamda_savings_against_lora(record):
 
 
 def test_extrapolation_equals_a_deeper_model(record):
-    deeper = run_bench(BenchSettings(layers=3, full_layers=3, methods=("lora", "lamda"), **TINY), log=lambda _: None)
+    deeper = run_bench(
+        BenchSettings(layers=3, full_layers=3, methods=("lora", "lamda"), **TINY), log=lambda _: None
+    )
     for name in ("lora", "lamda_b_frozen"):
         extrapolated = record["rows"][name]["totals"]["extrapolated"]
         measured = deeper["rows"][name]["totals"]["measured"]
-        for key in ("trainable", "updates_per_step", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-                    "saved_activation_bytes"):
+        for key in (
+            "trainable",
+            "updates_per_step",
+            "param_bytes",
+            "grad_bytes",
+            "optimizer_state_bytes",
+            "saved_activation_bytes",
+        ):
             assert extrapolated[key] == measured[key], (name, key)
 
 
@@ -53,16 +61,19 @@ def test_cli_writes_json_and_markdown(tmp_path):
     add_cli(parser.add_subparsers(dest="command"))
     out = tmp_path / "bench" / "lamda_bench"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    args = parser.parse_args(["bench-lamda", "--out", str(out), "--layers", "1", "--methods", "lora", "lamda",
-                              *flags])
+    args = parser.parse_args(
+        ["bench-lamda", "--out", str(out), "--layers", "1", "--methods", "lora", "lamda", *flags]
+    )
     assert args.func(args) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["settings"]["layers"] == 1 and "lamda_b_frozen" in data["rows"]
     assert out.with_suffix(".md").read_text().startswith("# LaMDA benchmark")
 
 
-@pytest.mark.parametrize("bad, match", [({"layers": 0}, "layers"), ({"methods": ("dora",)}, "dora"),
-                                        ({"hidden": 65, "heads": 4}, "divisible")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"layers": 0}, "layers"), ({"methods": ("dora",)}, "dora"), ({"hidden": 65, "heads": 4}, "divisible")],
+)
 def test_bad_settings_raise_before_work(bad, match):
     with pytest.raises(BenchConfigError, match=match):
         run_bench(BenchSettings(**{**TINY, **bad}), log=lambda _: None)

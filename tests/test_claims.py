@@ -1,4 +1,5 @@
 """The reference file, the claims rules and verdicts, and `lamda-repro aggregate` end to end."""
+
 import argparse
 import json
 from pathlib import Path
@@ -6,39 +7,86 @@ from pathlib import Path
 import pytest
 
 from lamda_repro import claims
-from lamda_repro.report_cli import (AggregateError, add_cli, aggregate, aggregate_outputs,
-                                    parse_families)
+from lamda_repro.report_cli import AggregateError, add_cli, aggregate, aggregate_outputs, parse_families
 from lamda_repro.results import write_record
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "papers.yaml"
 
 
-def finetune(method, method_type, updates, r=8, score=0.9, saved=4000, state=9000, scale=None,
-             status="success", peak_kind="cpu_rss", peak=2 ** 20, task="sst2"):
-    spec = {"experiment": "nlu", "family": "nlu", "task": task, "model": "m", "method": method,
-            "method_type": method_type, "method_params": {"r": r}, "seed": 0}
+def finetune(
+    method,
+    method_type,
+    updates,
+    r=8,
+    score=0.9,
+    saved=4000,
+    state=9000,
+    scale=None,
+    status="success",
+    peak_kind="cpu_rss",
+    peak=2**20,
+    task="sst2",
+):
+    spec = {
+        "experiment": "nlu",
+        "family": "nlu",
+        "task": task,
+        "model": "m",
+        "method": method,
+        "method_type": method_type,
+        "method_params": {"r": r},
+        "seed": 0,
+    }
     if scale:
         spec["scale"] = scale
-    return {"run_id": f"nlu/{task}/m/{method}/seed0", "kind": "finetune", "spec": spec,
-            "status": status, "metrics": {"accuracy": score}, "primary_metric": "accuracy",
-            "params": {"trainable": updates, "trainable_after_training": updates // 2},
-            "parameter_updates": updates,
-            "memory": {"saved_for_backward_bytes": saved, "train_state_bytes": state,
-                       "peak_bytes": peak, "peak_kind": peak_kind}}
+    return {
+        "run_id": f"nlu/{task}/m/{method}/seed0",
+        "kind": "finetune",
+        "spec": spec,
+        "status": status,
+        "metrics": {"accuracy": score},
+        "primary_metric": "accuracy",
+        "params": {"trainable": updates, "trainable_after_training": updates // 2},
+        "parameter_updates": updates,
+        "memory": {
+            "saved_for_backward_bytes": saved,
+            "train_state_bytes": state,
+            "peak_bytes": peak,
+            "peak_kind": peak_kind,
+        },
+    }
 
 
-def recursive(variant, acc=None, rank=None, speedup=None, non_embedding=None, base="tiny",
-              path=None, name=None, status="success"):
+def recursive(
+    variant,
+    acc=None,
+    rank=None,
+    speedup=None,
+    non_embedding=None,
+    base="tiny",
+    path=None,
+    name=None,
+    status="success",
+):
     """A record as lamda_repro/recursive/runner.py writes it (only the fields the rules read)."""
-    run = {"name": name or f"{variant}{rank or ''}", "model": base, "variant": variant,
-           "num_loops": 2, "lora_rank": rank}
-    metrics = {k: v for k, v in (("average", acc), ("throughput_speedup", speedup))
-               if v is not None}
+    run = {
+        "name": name or f"{variant}{rank or ''}",
+        "model": base,
+        "variant": variant,
+        "num_loops": 2,
+        "lora_rank": rank,
+    }
+    metrics = {k: v for k, v in (("average", acc), ("throughput_speedup", speedup)) if v is not None}
     params = {"non_embedding": non_embedding, "non_embedding_base": 1000} if non_embedding else {}
-    return {"run_id": f"{base}--{run['name']}", "kind": "recursive", "status": status,
-            "spec": {"run": run, "model": {"path": path} if path else {"pretrain": {}}},
-            "metrics": metrics if status == "success" else {}, "primary_metric": "average",
-            "params": params}
+    return {
+        "run_id": f"{base}--{run['name']}",
+        "kind": "recursive",
+        "status": status,
+        "spec": {"run": run, "model": {"path": path} if path else {"pretrain": {}}},
+        "metrics": metrics if status == "success" else {},
+        "primary_metric": "average",
+        "params": params,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +101,7 @@ def ledger(reference, records, bench_dir=None):
 
 
 # --- the reference file ---------------------------------------------------------------------
+
 
 def test_committed_reference_is_valid_and_has_no_table_numbers(reference):
     assert {"lamda", "recursive"} <= set(reference.papers)
@@ -76,14 +125,17 @@ def _minimal(**claim):
     return {"schema_version": 1, "papers": {"p": {}}, "claims": [{**base, **claim}]}
 
 
-@pytest.mark.parametrize("data, message", [
-    (_minimal(check="no_such_rule"), "unknown check"),
-    (_minimal(paper="q"), "not a key of papers"),
-    (_minimal(source_kind="guess"), "source_kind"),
-    (_minimal(value="17.7x"), "value must be a number"),
-    ({**_minimal(), "schema_version": 2}, "schema_version"),
-    ({**_minimal(), "claims": _minimal()["claims"] * 2}, "duplicate id"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_minimal(check="no_such_rule"), "unknown check"),
+        (_minimal(paper="q"), "not a key of papers"),
+        (_minimal(source_kind="guess"), "source_kind"),
+        (_minimal(value="17.7x"), "value must be a number"),
+        ({**_minimal(), "schema_version": 2}, "schema_version"),
+        ({**_minimal(), "claims": _minimal()["claims"] * 2}, "duplicate id"),
+    ],
+)
 def test_reference_errors_are_one_line_and_named(data, message):
     with pytest.raises(claims.ReferenceFileError, match=message):
         claims.parse_reference(data)
@@ -95,15 +147,27 @@ def test_missing_reference_file(tmp_path):
 
 
 def test_table_value_with_a_known_number():
-    data = {**_minimal(), "table_rows": [{"family": "nlu", "task": "sst2", "model": "d",
-                                          "method": "lamda", "metric": "accuracy", "value": 95.5,
-                                          "source": "Table 1, row LaMDA"}]}
+    data = {
+        **_minimal(),
+        "table_rows": [
+            {
+                "family": "nlu",
+                "task": "sst2",
+                "model": "d",
+                "method": "lamda",
+                "metric": "accuracy",
+                "value": 95.5,
+                "source": "Table 1, row LaMDA",
+            }
+        ],
+    }
     ref = claims.parse_reference(data)
     assert ref.table_value("nlu", "sst2", "d", "lamda", "accuracy") == 95.5
     assert ref.table_value("nlu", "sst2", "d", "lora", "accuracy") is None
 
 
 # --- arithmetic -------------------------------------------------------------------------------
+
 
 def test_llama2_7b_counts():
     shapes = claims.llama_adapted_shapes(4096, 11008)
@@ -112,11 +176,24 @@ def test_llama2_7b_counts():
 
 
 def test_gemma_2b_counts_round_to_the_reference():
-    counts = claims.recursive_counts({"layers": 18, "hidden": 2048, "heads": 8, "kv_heads": 1,
-                                      "head_dim": 256, "intermediate": 16384, "loops": 2})
+    counts = claims.recursive_counts(
+        {
+            "layers": 18,
+            "hidden": 2048,
+            "heads": 8,
+            "kv_heads": 1,
+            "head_dim": 256,
+            "intermediate": 16384,
+            "loops": 2,
+        }
+    )
     assert counts["recursive"] * 2 == counts["vanilla"]
-    assert [round(counts[k] / 1e9, 2) for k in ("vanilla", "recursive", "relaxed_r64",
-                                                "relaxed_r512")] == [1.98, 0.99, 1.07, 1.60]
+    assert [round(counts[k] / 1e9, 2) for k in ("vanilla", "recursive", "relaxed_r64", "relaxed_r512")] == [
+        1.98,
+        0.99,
+        1.07,
+        1.60,
+    ]
 
 
 def test_arithmetic_claims_reproduced_without_records(reference):
@@ -129,22 +206,30 @@ def test_arithmetic_claims_reproduced_without_records(reference):
 def test_wrong_reference_count_is_not_reproduced(reference):
     claim = {c["id"]: c for c in reference.claims}["lamda_llama2_7b_geometry"]
     wrong = {**claim, "values": {"lora_r64": 159_907_841, "lamda_s_only_r64": 917_504}}
-    assert claims.check_lamda_geometry(wrong, claims.Evidence.from_records([])).verdict == \
-        claims.VERDICT_ARITHMETIC_NOT
+    assert (
+        claims.check_lamda_geometry(wrong, claims.Evidence.from_records([])).verdict
+        == claims.VERDICT_ARITHMETIC_NOT
+    )
 
 
 # --- verdicts from records ---------------------------------------------------------------------
 
+
 def test_no_records_means_not_yet_run(reference):
     rows = ledger(reference, [])
-    record_based = [c["id"] for c in reference.claims
-                    if c["check"] not in ("lamda_geometry_counts", "recursive_geometry_counts")]
+    record_based = [
+        c["id"]
+        for c in reference.claims
+        if c["check"] not in ("lamda_geometry_counts", "recursive_geometry_counts")
+    ]
     assert record_based and all(rows[c]["verdict"] == claims.VERDICT_NOT_RUN for c in record_based)
 
 
 def test_smoke_lamda_records_reproduce_the_mechanism_only(reference):
-    recs = [finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500, score=0.89,
-                                                        saved=1000, state=3000)]
+    recs = [
+        finetune("lora_r8", "lora", 8000),
+        finetune("lamda_r8", "lamda", 500, score=0.89, saved=1000, state=3000),
+    ]
     rows = ledger(reference, recs)
     assert rows["lamda_parameter_updates"]["verdict"] == claims.VERDICT_SMOKE
     assert "16.00x" in rows["lamda_parameter_updates"]["this suite"]
@@ -156,8 +241,10 @@ def test_smoke_lamda_records_reproduce_the_mechanism_only(reference):
 
 
 def test_smoke_lamda_worse_than_lora_is_not_reproduced(reference):
-    recs = [finetune("lora_r8", "lora", 8000, score=0.9, saved=1000),
-            finetune("lamda_r8", "lamda", 9000, score=0.5, saved=2000)]
+    recs = [
+        finetune("lora_r8", "lora", 8000, score=0.9, saved=1000),
+        finetune("lamda_r8", "lamda", 9000, score=0.5, saved=2000),
+    ]
     rows = ledger(reference, recs)
     for cid in ("lamda_parameter_updates", "lamda_matches_or_surpasses", "lamda_peak_memory"):
         assert rows[cid]["verdict"] == claims.VERDICT_SMOKE_NOT, cid
@@ -173,44 +260,66 @@ def test_failed_lamda_run_is_not_counted(reference):
     assert ledger(reference, recs)["lamda_parameter_updates"]["verdict"] == claims.VERDICT_NOT_RUN
 
 
-@pytest.mark.parametrize("lamda_updates, verdict", [(400, claims.VERDICT_REPRODUCED),
-                                                    (1000, claims.VERDICT_NOT_REPRODUCED)])
+@pytest.mark.parametrize(
+    "lamda_updates, verdict", [(400, claims.VERDICT_REPRODUCED), (1000, claims.VERDICT_NOT_REPRODUCED)]
+)
 def test_paper_scale_ratio_against_the_claimed_value(reference, lamda_updates, verdict):
-    recs = [finetune("lora", "lora", 8000, scale="paper"),
-            finetune("lamda", "lamda", lamda_updates, scale="paper")]
+    recs = [
+        finetune("lora", "lora", 8000, scale="paper"),
+        finetune("lamda", "lamda", lamda_updates, scale="paper"),
+    ]
     row = ledger(reference, recs)["lamda_parameter_updates"]
     assert (row["verdict"], row["scale"]) == (verdict, "paper")
 
 
 def test_paper_scale_gpu_peak_memory(reference):
-    recs = [finetune("lora", "lora", 8000, scale="paper", peak=1320, peak_kind="cuda_allocated"),
-            finetune("lamda", "lamda", 500, scale="paper", peak=1000, peak_kind="cuda_allocated")]
+    recs = [
+        finetune("lora", "lora", 8000, scale="paper", peak=1320, peak_kind="cuda_allocated"),
+        finetune("lamda", "lamda", 500, scale="paper", peak=1000, peak_kind="cuda_allocated"),
+    ]
     row = ledger(reference, recs)["lamda_peak_memory"]
     assert row["verdict"] == claims.VERDICT_REPRODUCED and "1.32x" in row["this suite"]
 
 
 def test_paper_scale_without_gpu_peak_checks_the_mechanism_only(reference):
-    recs = [finetune("lora", "lora", 8000, scale="paper", saved=4000, state=9000),
-            finetune("lamda", "lamda", 500, scale="paper", saved=1000, state=3000)]
+    recs = [
+        finetune("lora", "lora", 8000, scale="paper", saved=4000, state=9000),
+        finetune("lamda", "lamda", 500, scale="paper", saved=1000, state=3000),
+    ]
     row = ledger(reference, recs)["lamda_peak_memory"]
     assert (row["verdict"], row["scale"]) == (claims.VERDICT_PAPER_NO_PEAK, "paper")
 
 
 def test_bench_alone_decides_the_memory_mechanism(reference, tmp_path):
-    (tmp_path / claims.BENCH_FILE).write_text(json.dumps([
-        {"method_type": "lora", "r": 4, "saved_for_backward_bytes": 900},
-        {"method_type": "lamda", "r": 4, "saved_for_backward_bytes": 300}]))
+    (tmp_path / claims.BENCH_FILE).write_text(
+        json.dumps(
+            [
+                {"method_type": "lora", "r": 4, "saved_for_backward_bytes": 900},
+                {"method_type": "lamda", "r": 4, "saved_for_backward_bytes": 300},
+            ]
+        )
+    )
     row = ledger(reference, [], tmp_path)["lamda_peak_memory"]
     assert row["verdict"] == claims.VERDICT_SMOKE and "3.00x" in row["this suite"]
 
 
 def test_bench_file_absent_present_and_unrecognised(reference, tmp_path):
     recs = [finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500, saved=1000)]
-    measured = lambda: ledger(reference, recs, tmp_path)["lamda_peak_memory"]["this suite"]
+
+    def measured():
+        return ledger(reference, recs, tmp_path)["lamda_peak_memory"]["this suite"]
+
     assert "bench: not yet run" in measured()
-    (tmp_path / claims.BENCH_FILE).write_text(json.dumps({"results": [
-        {"method": "lora", "rank": 8, "peak_bytes": 300},
-        {"method": "lamda", "rank": 8, "peak_bytes": 200}]}))
+    (tmp_path / claims.BENCH_FILE).write_text(
+        json.dumps(
+            {
+                "results": [
+                    {"method": "lora", "rank": 8, "peak_bytes": 300},
+                    {"method": "lamda", "rank": 8, "peak_bytes": 200},
+                ]
+            }
+        )
+    )
     assert "peak_bytes 1.50x" in measured()
     (tmp_path / claims.BENCH_FILE).write_text(json.dumps({"something": "else"}))
     assert "not recognised" in measured()
@@ -220,9 +329,14 @@ def test_bench_file_absent_present_and_unrecognised(reference, tmp_path):
 
 
 def test_recursive_claims_at_smoke_scale(reference):
-    recs = [recursive("original", 0.50), recursive("recursive", 0.46, non_embedding=500),
-            recursive("scratch", 0.40), recursive("truncated", 0.42),
-            recursive("recursive", 0.49, rank=8), recursive("recursive", speedup=1.7, name="cdb")]
+    recs = [
+        recursive("original", 0.50),
+        recursive("recursive", 0.46, non_embedding=500),
+        recursive("scratch", 0.40),
+        recursive("truncated", 0.42),
+        recursive("recursive", 0.49, rank=8),
+        recursive("recursive", speedup=1.7, name="cdb"),
+    ]
     rows = ledger(reference, recs)
     assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE
     assert "+4.0 points" in rows["recursive_beats_similar_size"]["this suite"]
@@ -236,8 +350,13 @@ def test_recursive_claims_at_smoke_scale(reference):
 
 
 def test_recursive_claims_not_reproduced_or_not_run(reference):
-    recs = [recursive("original", 0.50), recursive("recursive", 0.30), recursive("scratch", 0.40),
-            recursive("recursive", 0.40, rank=8), recursive("truncated", 0.9, status="failed")]
+    recs = [
+        recursive("original", 0.50),
+        recursive("recursive", 0.30),
+        recursive("scratch", 0.40),
+        recursive("recursive", 0.40, rank=8),
+        recursive("truncated", 0.9, status="failed"),
+    ]
     rows = ledger(reference, recs)
     assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE_NOT
     assert rows["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_SMOKE_NOT
@@ -246,9 +365,11 @@ def test_recursive_claims_not_reproduced_or_not_run(reference):
 
 
 def test_similar_size_original_of_another_model_is_a_baseline(reference):
-    recs = [recursive("recursive", 0.46, non_embedding=500, base="gemma"),
-            recursive("original", 0.50, non_embedding=600, base="pythia"),
-            recursive("original", 0.90, non_embedding=5000, base="big")]  # not similar size
+    recs = [
+        recursive("recursive", 0.46, non_embedding=500, base="gemma"),
+        recursive("original", 0.50, non_embedding=600, base="pythia"),
+        recursive("original", 0.90, non_embedding=5000, base="big"),
+    ]  # not similar size
     row = ledger(reference, recs)["recursive_beats_similar_size"]
     assert row["verdict"] == claims.VERDICT_SMOKE_NOT and "pythia" in row["this suite"]
 
@@ -269,18 +390,23 @@ def test_reference_code_lamda_does_not_count_for_the_claims(reference):
 
 
 def test_claims_markdown_has_one_row_per_claim(reference):
-    text = claims.claims_markdown(claims.evaluate_claims(
-        reference, claims.Evidence.from_records([])), bench_note="x absent")
-    table_lines = [l for l in text.splitlines() if l.startswith("| ")]
+    text = claims.claims_markdown(
+        claims.evaluate_claims(reference, claims.Evidence.from_records([])), bench_note="x absent"
+    )
+    table_lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table_lines) == 1 + len(reference.claims)
     assert "\n\n| id |" in text
 
 
 # --- aggregate ------------------------------------------------------------------------------
 
+
 def _write_runs(root):
-    for rec in (finetune("lora_r8", "lora", 8000), finetune("lamda_r8", "lamda", 500),
-                finetune("full", "full", 10 ** 6, r=None, status="failed")):
+    for rec in (
+        finetune("lora_r8", "lora", 8000),
+        finetune("lamda_r8", "lamda", 500),
+        finetune("full", "full", 10**6, r=None, status="failed"),
+    ):
         write_record(root / (rec["run_id"] + ".json"), rec)
     rec = recursive("original", 0.5, non_embedding=1000)
     write_record(root / "recursive" / "tiny--original.json", rec)
@@ -289,8 +415,7 @@ def _write_runs(root):
 def test_aggregate_writes_exactly_the_announced_files_deterministically(tmp_path):
     _write_runs(tmp_path / "runs")
     families = ["nlu", "reasoning"]
-    written = aggregate(tmp_path / "runs", tmp_path / "bench", REFERENCE, tmp_path / "out",
-                        families)
+    written = aggregate(tmp_path / "runs", tmp_path / "bench", REFERENCE, tmp_path / "out", families)
     expected = aggregate_outputs(tmp_path / "out", families)
     assert sorted(written) == sorted(expected)
     files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
@@ -306,9 +431,21 @@ def test_aggregate_writes_exactly_the_announced_files_deterministically(tmp_path
 def test_aggregate_cli_without_records(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["aggregate", "--runs-dir", str(tmp_path / "none"), "--reference",
-                              str(REFERENCE), "--out", str(tmp_path / "out"),
-                              "--bench-dir", str(tmp_path), "--families", "nlu"])
+    args = parser.parse_args(
+        [
+            "aggregate",
+            "--runs-dir",
+            str(tmp_path / "none"),
+            "--reference",
+            str(REFERENCE),
+            "--out",
+            str(tmp_path / "out"),
+            "--bench-dir",
+            str(tmp_path),
+            "--families",
+            "nlu",
+        ]
+    )
     assert args.func(args) == 0
     assert str(tmp_path / "out" / "claims.md") in capsys.readouterr().out
     assert "no runs yet" in (tmp_path / "out" / "tables" / "nlu.md").read_text()
@@ -330,13 +467,20 @@ def test_aggregate_cli_rejects_unknown_family(tmp_path, capsys):
 def test_bench_file_written_by_the_lamda_bench_is_read():
     from lamda_repro.claims import bench_lamda_ratios, bench_memory_ratios
 
-    bench = {"ratios_vs_lora": {
-        "lora": {"extrapolated.saved_activation_bytes": 1.0},
-        "lamda_b_frozen": {"extrapolated.saved_activation_bytes": 1.325, "measured.peak_bytes": 0.96,
-                           "extrapolated.run_updates": 11.6},
-        "lamdapp_b_frozen": {"extrapolated.saved_activation_bytes": 1.3},
-        "lora_fa": {"extrapolated.saved_activation_bytes": 9.0},
-    }}
-    assert bench_memory_ratios(bench) == {"extrapolated.saved_activation_bytes": 1.325,
-                                          "measured.peak_bytes": 0.96}
+    bench = {
+        "ratios_vs_lora": {
+            "lora": {"extrapolated.saved_activation_bytes": 1.0},
+            "lamda_b_frozen": {
+                "extrapolated.saved_activation_bytes": 1.325,
+                "measured.peak_bytes": 0.96,
+                "extrapolated.run_updates": 11.6,
+            },
+            "lamdapp_b_frozen": {"extrapolated.saved_activation_bytes": 1.3},
+            "lora_fa": {"extrapolated.saved_activation_bytes": 9.0},
+        }
+    }
+    assert bench_memory_ratios(bench) == {
+        "extrapolated.saved_activation_bytes": 1.325,
+        "measured.peak_bytes": 0.96,
+    }
     assert bench_lamda_ratios(bench, "run_updates") == {"extrapolated.run_updates": 11.6}

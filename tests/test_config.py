@@ -1,4 +1,5 @@
 """Config validation: every malformed config fails with one line naming the key and the problem."""
+
 from __future__ import annotations
 
 import copy
@@ -6,8 +7,7 @@ import copy
 import pytest
 import yaml
 
-from lamda_repro.config import (ConfigError, RunSpec, expand_runs, load_config, record_path,
-                                validate_config)
+from lamda_repro.config import ConfigError, RunSpec, expand_runs, load_config, record_path, validate_config
 
 
 def default_config(repo_root) -> dict:
@@ -54,7 +54,9 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("key,value,where,problem", MALFORMED, ids=[m[0] + "=" + repr(m[1])[:12] for m in MALFORMED])
+@pytest.mark.parametrize(
+    "key,value,where,problem", MALFORMED, ids=[m[0] + "=" + repr(m[1])[:12] for m in MALFORMED]
+)
 def test_malformed_config_fails_with_one_line_naming_key(repo_root, key, value, where, problem):
     cfg = default_config(repo_root)
     _set(cfg, key, value)
@@ -91,10 +93,19 @@ def test_training_settings_override_in_order(repo_root):
 
 
 def test_run_spec_round_trips_and_derives_its_path():
-    spec = RunSpec(experiment="e", family="nlu", task="t", task_params={"type": "glue", "subset": "sst2"},
-                   model="m", model_params={"source": "hub", "id": "x"}, method="lora",
-                   method_type="lora", method_params={"type": "lora", "r": 8}, seed=3,
-                   training={"lr": 1e-4})
+    spec = RunSpec(
+        experiment="e",
+        family="nlu",
+        task="t",
+        task_params={"type": "glue", "subset": "sst2"},
+        model="m",
+        model_params={"source": "hub", "id": "x"},
+        method="lora",
+        method_type="lora",
+        method_params={"type": "lora", "r": 8},
+        seed=3,
+        training={"lr": 1e-4},
+    )
     again = RunSpec.from_dict(copy.deepcopy(spec.to_dict()))
     assert again == spec and again.digest() == spec.digest()
     assert record_path("results", spec.run_id) == "results/runs/e/t/m/lora/seed3.json"

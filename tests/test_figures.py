@@ -1,4 +1,5 @@
 """Figures: the Pareto front, the plotted points, fixed file names and stable bytes."""
+
 import math
 from pathlib import Path
 
@@ -9,13 +10,24 @@ from lamda_repro import figures, tables
 
 def record(method, method_type, task, score, trainable, r=8, status="success", state=1000):
     return {
-        "run_id": f"nlu/{task}/m/{method}/seed0", "kind": "finetune", "status": status,
-        "spec": {"experiment": "nlu", "family": "nlu", "task": task, "model": "m",
-                 "method": method, "method_type": method_type,
-                 "method_params": {"r": r} if r else {}, "seed": 0},
-        "metrics": {"accuracy": score}, "primary_metric": "accuracy",
-        "params": {"trainable": trainable}, "parameter_updates": trainable,
-        "memory": {"peak_bytes": 2 ** 20, "train_state_bytes": state},
+        "run_id": f"nlu/{task}/m/{method}/seed0",
+        "kind": "finetune",
+        "status": status,
+        "spec": {
+            "experiment": "nlu",
+            "family": "nlu",
+            "task": task,
+            "model": "m",
+            "method": method,
+            "method_type": method_type,
+            "method_params": {"r": r} if r else {},
+            "seed": 0,
+        },
+        "metrics": {"accuracy": score},
+        "primary_metric": "accuracy",
+        "params": {"trainable": trainable},
+        "parameter_updates": trainable,
+        "memory": {"peak_bytes": 2**20, "train_state_bytes": state},
     }
 
 
@@ -23,22 +35,28 @@ def cells(records):
     return tables.cell_summary(tables.finetune_frame(records))
 
 
-@pytest.mark.parametrize("points, front", [
-    ([(1, 1), (2, 2), (3, 3)], [0, 1, 2]),               # each costs more and is better
-    ([(1, 3), (2, 2), (3, 1)], [0]),                     # first dominates all
-    ([(1, 1), (2, 3), (3, 2), (4, 4)], [0, 1, 3]),       # (3, 2) is dominated by (2, 3)
-    ([(1, 1), (1, 1)], [0, 1]),                          # equal points do not dominate each other
-    ([(1, 2), (1, 1)], [0]),                             # same cost, lower quality is dominated
-    ([(math.nan, 5), (2, 1)], [1]),                      # NaN never on the front
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "points, front",
+    [
+        ([(1, 1), (2, 2), (3, 3)], [0, 1, 2]),  # each costs more and is better
+        ([(1, 3), (2, 2), (3, 1)], [0]),  # first dominates all
+        ([(1, 1), (2, 3), (3, 2), (4, 4)], [0, 1, 3]),  # (3, 2) is dominated by (2, 3)
+        ([(1, 1), (1, 1)], [0, 1]),  # equal points do not dominate each other
+        ([(1, 2), (1, 1)], [0]),  # same cost, lower quality is dominated
+        ([(math.nan, 5), (2, 1)], [1]),  # NaN never on the front
+        ([], []),
+    ],
+)
 def test_pareto_front(points, front):
     assert figures.pareto_front(points) == front
 
 
 def test_family_points_use_the_table_average():
-    recs = [record("lora", "lora", "a", 0.8, 1000), record("lora", "lora", "b", 0.6, 3000),
-            record("lamda", "lamda", "a", 0.7, 10)]
+    recs = [
+        record("lora", "lora", "a", 0.8, 1000),
+        record("lora", "lora", "b", 0.6, 3000),
+        record("lamda", "lamda", "a", 0.7, 10),
+    ]
     points = figures.family_points(cells(recs), "nlu", "trainable").set_index("method")
     assert points.loc["lora", "y"] == pytest.approx(70.0)
     assert points.loc["lora", "x"] == pytest.approx(2000)
@@ -46,12 +64,15 @@ def test_family_points_use_the_table_average():
 
 
 def test_family_figures_have_fixed_names_and_stable_bytes(tmp_path):
-    recs = [record("lora", "lora", "a", 0.8, 1000), record("lamda", "lamda", "a", 0.78, 64),
-            record("full", "full", "a", 0.82, 10 ** 6, r=None)]
+    recs = [
+        record("lora", "lora", "a", 0.8, 1000),
+        record("lamda", "lamda", "a", 0.78, 64),
+        record("full", "full", "a", 0.82, 10**6, r=None),
+    ]
     written = figures.write_family_figures(cells(recs), "nlu", tmp_path / "one")
     assert sorted(p.split("/")[-1] for p in written) == sorted(figures.figure_names("nlu"))
     again = figures.write_family_figures(cells(recs), "nlu", tmp_path / "two")
-    for a, b in zip(written, again):
+    for a, b in zip(written, again, strict=True):
         with open(a, "rb") as fa, open(b, "rb") as fb:
             data = fa.read()
             assert data == fb.read() and len(data) > 1000
@@ -61,18 +82,27 @@ def test_family_figures_have_fixed_names_and_stable_bytes(tmp_path):
 
 def test_figures_without_runs_are_still_written(tmp_path):
     written = figures.write_family_figures(cells([]), "reasoning", tmp_path)
-    assert len(written) == 6 and all((tmp_path / p.split("/")[-1]).stat().st_size > 0
-                                     for p in written)
+    assert len(written) == 6 and all((tmp_path / p.split("/")[-1]).stat().st_size > 0 for p in written)
 
 
 CAPTIONS = Path(__file__).resolve().parents[1] / "workflow" / "report"
 
 
-@pytest.mark.parametrize("name", ["workflow.rst", "table_family.rst", "table_measurements.rst",
-                                  "table_runs.rst", "figure_quality_params.rst",
-                                  "figure_quality_train_state.rst",
-                                  "figure_quality_peak_memory.rst", "claims.rst",
-                                  "table_recursive.rst", "figure_recursive.rst"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "workflow.rst",
+        "table_family.rst",
+        "table_measurements.rst",
+        "table_runs.rst",
+        "figure_quality_params.rst",
+        "figure_quality_train_state.rst",
+        "figure_quality_peak_memory.rst",
+        "claims.rst",
+        "table_recursive.rst",
+        "figure_recursive.rst",
+    ],
+)
 def test_report_captions_render_without_rst_warnings(name):
     """Captions go through Jinja2 and docutils in `snakemake --report`; both must accept them."""
     import jinja2
@@ -82,8 +112,10 @@ def test_report_captions_render_without_rst_warnings(name):
         config = {"name": "smoke"}
         wildcards = {}
 
-    text = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-        (CAPTIONS / name).read_text()).render(snakemake=FakeSnakemake)
-    html = publish_parts(text, writer="html",
-                         settings_overrides={"halt_level": 2, "report_level": 2})["body"]
+    text = (
+        jinja2.Environment(undefined=jinja2.StrictUndefined)
+        .from_string((CAPTIONS / name).read_text())
+        .render(snakemake=FakeSnakemake)
+    )
+    html = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})["body"]
     assert len(html) > 100

@@ -1,4 +1,5 @@
 """GLUE: every loader on local files with the Hub schema, metrics against hand-computed values."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,11 @@ def _write(tmp_path, subset, splits):
 def test_glue_loader_reads_local_files_with_hub_schema(tmp_path, subset, minilm_path):
     from transformers import AutoTokenizer
 
-    splits = ["train", "validation_matched", "validation_mismatched"] if subset == "mnli" else ["train", "validation"]
+    splits = (
+        ["train", "validation_matched", "validation_mismatched"]
+        if subset == "mnli"
+        else ["train", "validation"]
+    )
     task = get_task_class("glue")(subset, {"subset": subset}, _write(tmp_path, subset, splits))
     raw = task.load_splits()
     assert set(raw) == ({"train", "eval", "eval_mismatched"} if subset == "mnli" else {"train", "eval"})
@@ -54,8 +59,9 @@ def test_missing_local_split_is_named(tmp_path):
 
 
 def test_max_samples_keep_the_first_rows(tmp_path):
-    task = get_task_class("glue")("x", {"subset": "sst2", "max_train_samples": 2},
-                                  _write(tmp_path, "sst2", ["train", "validation"]))
+    task = get_task_class("glue")(
+        "x", {"subset": "sst2", "max_train_samples": 2}, _write(tmp_path, "sst2", ["train", "validation"])
+    )
     assert len(task.load_splits()["train"]) == 2
 
 

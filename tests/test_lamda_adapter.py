@@ -1,19 +1,27 @@
 """LaMDA adapter: step-0 equality, trainability, merge, save/load, memory (spec acceptance 1, 2, 4, 5, 6)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_lamda_helpers import (
+    LLAMA_TARGETS,
+    minilm_batch,
+    minilm_cls,
+    tiny_bert_cls,  # noqa: F401
+    tiny_llama,
+    token_batch,
+)
 
 from lamda_repro.measure import count_parameters, saved_for_backward_bytes
 from lamda_repro.methods.lamda import LamdaConfig, LamdaConfigError, LamdaFreezeController, LamdaLayer
-from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, tiny_bert_cls,  # noqa: F401
-                                tiny_llama, token_batch)
-
 
 
 def lamda_llama(init="svd", r=4, **kw):
-    return get_peft_model(tiny_llama(), LamdaConfig(r=r, lora_alpha=8, target_modules=LLAMA_TARGETS, init=init, **kw))
+    return get_peft_model(
+        tiny_llama(), LamdaConfig(r=r, lora_alpha=8, target_modules=LLAMA_TARGETS, init=init, **kw)
+    )
 
 
 def layers(model):
@@ -35,8 +43,12 @@ def test_outputs_equal_base_at_step_zero_real_minilm(init):
     batch = minilm_batch()
     with torch.no_grad():
         expected = minilm_cls()(**batch).logits
-        model = get_peft_model(minilm_cls(), LamdaConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                         init=init, task_type="SEQ_CLS"))
+        model = get_peft_model(
+            minilm_cls(),
+            LamdaConfig(
+                r=8, lora_alpha=16, target_modules=["query", "value"], init=init, task_type="SEQ_CLS"
+            ),
+        )
         got = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -79,8 +91,9 @@ def test_trainable_counts_match_formulas():
 
 def _train_steps(model, steps, optimizer=None, controller=None, start=0, total=None):
     x = token_batch()
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                               lr=1e-2, weight_decay=0.1)
+    optimizer = optimizer or torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     model.train()
     for step in range(start, start + steps):
         model(x, labels=x).loss.backward()
@@ -96,16 +109,20 @@ def test_save_load_round_trip_restores_s_and_freeze_state(tmp_path):
     model = lamda_llama(total_steps=10, freeze_fraction=0.5)
     controller = LamdaFreezeController(model, 10)
     _train_steps(model, 3, controller=controller)  # partly frozen: 0 < k < r
-    counts = {n: m.frozen_components("default") for n, m in model.named_modules() if isinstance(m, LamdaLayer)}
+    counts = {
+        n: m.frozen_components("default") for n, m in model.named_modules() if isinstance(m, LamdaLayer)
+    }
     assert set(counts.values()) - {0, 4}, counts
     x = token_batch(seed=5)
     with torch.no_grad():
         expected = model(x).logits
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    loaded_counts = {n: m.frozen_components("default") for n, m in loaded.named_modules() if isinstance(m, LamdaLayer)}
+    loaded_counts = {
+        n: m.frozen_components("default") for n, m in loaded.named_modules() if isinstance(m, LamdaLayer)
+    }
     assert loaded_counts == counts
-    for (n1, a), (n2, b) in zip(model.named_parameters(), loaded.named_parameters()):
+    for (n1, a), (n2, b) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
         if "lamda_S" in n1:
             assert n1 == n2 and torch.equal(a, b) and torch.count_nonzero(a) > 0
     with torch.no_grad():
@@ -113,8 +130,14 @@ def test_save_load_round_trip_restores_s_and_freeze_state(tmp_path):
 
 
 def test_save_load_round_trip_real_minilm_with_classifier(tmp_path):
-    config = LamdaConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
-                         total_steps=4, init="svd_residual")
+    config = LamdaConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        task_type="SEQ_CLS",
+        total_steps=4,
+        init="svd_residual",
+    )
     model = get_peft_model(minilm_cls(), config)
     batch = minilm_batch()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -201,14 +224,20 @@ def test_optimizer_state_is_r_squared_per_module_after_full_freeze():
     controller.freeze_for_step(optimizer, 6)
     _train_steps(model, 1, optimizer=optimizer)
     n_modules = len(layers(model))
-    per_param = [sum(v.numel() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-                 for s in optimizer.state.values()]
+    per_param = [
+        sum(v.numel() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        for s in optimizer.state.values()
+    ]
     assert len(per_param) == n_modules and all(n == 2 * 16 for n in per_param)  # AdamW: exp_avg + exp_avg_sq
 
 
 def test_dropout_and_reference_init_build():
-    model = get_peft_model(tiny_bert_cls(), LamdaConfig(r=4, target_modules=["query"], init="reference_code",
-                                                        lamda_dropout=0.1, task_type="SEQ_CLS"))
+    model = get_peft_model(
+        tiny_bert_cls(),
+        LamdaConfig(
+            r=4, target_modules=["query"], init="reference_code", lamda_dropout=0.1, task_type="SEQ_CLS"
+        ),
+    )
     layer = layers(model)[0]
     assert torch.count_nonzero(layer.lamda_B["default"]) == 0
     assert torch.count_nonzero(layer.lamda_S["default"]) > 0
@@ -216,9 +245,15 @@ def test_dropout_and_reference_init_build():
     assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"r": 0}, "r"), ({"init": "pissa"}, "init"),
-                                           ({"freeze_fraction": 1.5}, "freeze_fraction"),
-                                           ({"lamda_dropout": 1.0}, "lamda_dropout")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r"),
+        ({"init": "pissa"}, "init"),
+        ({"freeze_fraction": 1.5}, "freeze_fraction"),
+        ({"lamda_dropout": 1.0}, "lamda_dropout"),
+    ],
+)
 def test_invalid_config_raises_one_line_error(kwargs, field):
     with pytest.raises(LamdaConfigError, match=field):
         LamdaConfig(**kwargs)

@@ -1,18 +1,29 @@
 """Trainable-parameter formulas from a config (spec acceptance 7) and their agreement with real models."""
+
 from __future__ import annotations
 
 import pytest
 from peft import LoraConfig, get_peft_model
+from test_lamda_helpers import LLAMA_TARGETS, minilm_cls, tiny_llama  # noqa: F401
 from transformers import LlamaConfig
 
 from lamda_repro.measure import count_parameters
-from lamda_repro.methods.lamda import (LamdaConfig, LamdaFreezeController, lamda_trainable_count,
-                                       linear_shapes_from_config, lora_trainable_count)
-from test_lamda_helpers import LLAMA_TARGETS, minilm_cls, tiny_llama  # noqa: F401
+from lamda_repro.methods.lamda import (
+    LamdaConfig,
+    LamdaFreezeController,
+    lamda_trainable_count,
+    linear_shapes_from_config,
+    lora_trainable_count,
+)
 
-
-LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000)
+LLAMA2_7B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
 
 
 def test_llama2_7b_lora_r64_trains_159907840():
@@ -24,7 +35,9 @@ def test_llama2_7b_lora_r64_trains_159907840():
 def test_llama2_7b_lamda_with_b_frozen_trains_917504():
     shapes = linear_shapes_from_config(LLAMA2_7B, LLAMA_TARGETS)
     assert lamda_trainable_count(shapes, 64) == 917_504
-    assert lamda_trainable_count(shapes, 64, frozen_components=0) == 917_504 + 32 * 64 * (4 * 4096 + 2 * 11008 + 4096)
+    assert lamda_trainable_count(shapes, 64, frozen_components=0) == 917_504 + 32 * 64 * (
+        4 * 4096 + 2 * 11008 + 4096
+    )
 
 
 def test_formulas_match_real_tiny_llama_with_gqa():

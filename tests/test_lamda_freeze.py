@@ -1,15 +1,25 @@
 """Freeze schedule of B (spec acceptance 2, 3) in a plain loop and through transformers.Trainer."""
+
 from __future__ import annotations
 
-import pytest
 import torch
 from peft import get_peft_model
+from test_lamda_helpers import (
+    LLAMA_TARGETS,
+    minilm_batch,
+    minilm_cls,
+    tiny_llama,  # noqa: F401
+    token_batch,
+)
 
-from lamda_repro.methods.lamda import (LamdaConfig, LamdaFreezeCallback, LamdaFreezeController, LamdaLayer,
-                                       frozen_count_at_step, reference_code_zeroed_columns)
-from test_lamda_helpers import (LLAMA_TARGETS, minilm_batch, minilm_cls, tiny_llama,  # noqa: F401
-                                token_batch)
-
+from lamda_repro.methods.lamda import (
+    LamdaConfig,
+    LamdaFreezeCallback,
+    LamdaFreezeController,
+    LamdaLayer,
+    frozen_count_at_step,
+    reference_code_zeroed_columns,
+)
 
 
 def test_schedule_freezes_component_k_at_floor_k_f_t_over_r():
@@ -25,13 +35,30 @@ def test_schedule_freezes_component_k_at_floor_k_f_t_over_r():
 
 
 def test_reference_code_rule_zeroes_at_most_three_columns():
-    assert [reference_code_zeroed_columns(s, 64, 100) for s in (0, 29, 30, 59, 60, 90, 99, 100)] == \
-        [0, 0, 1, 1, 2, 3, 3, 3]
+    assert [reference_code_zeroed_columns(s, 64, 100) for s in (0, 29, 30, 59, 60, 90, 99, 100)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        3,
+        3,
+        3,
+    ]
 
 
 def _lamda(total=8, r=4, fraction=0.5, init="svd"):
-    return get_peft_model(tiny_llama(), LamdaConfig(r=r, lora_alpha=8, target_modules=LLAMA_TARGETS, init=init,
-                                                    freeze_fraction=fraction, total_steps=total))
+    return get_peft_model(
+        tiny_llama(),
+        LamdaConfig(
+            r=r,
+            lora_alpha=8,
+            target_modules=LLAMA_TARGETS,
+            init=init,
+            freeze_fraction=fraction,
+            total_steps=total,
+        ),
+    )
 
 
 def _loop(model, optimizer, controller, steps, start=0, snapshots=None):
@@ -43,13 +70,20 @@ def _loop(model, optimizer, controller, steps, start=0, snapshots=None):
         optimizer.step()
         optimizer.zero_grad()
         if snapshots is not None:
-            snapshots.append({n: m.full_B("default").detach().clone()
-                              for n, m in model.named_modules() if isinstance(m, LamdaLayer)})
+            snapshots.append(
+                {
+                    n: m.full_B("default").detach().clone()
+                    for n, m in model.named_modules()
+                    if isinstance(m, LamdaLayer)
+                }
+            )
 
 
 def test_frozen_components_are_bit_identical_under_adamw_weight_decay():
     model = _lamda(total=12, fraction=0.5)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.5)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.5
+    )
     controller = LamdaFreezeController(model, 12)
     snapshots = []
     _loop(model, optimizer, controller, 12, snapshots=snapshots)
@@ -65,7 +99,9 @@ def test_frozen_components_are_bit_identical_under_adamw_weight_decay():
 
 def test_full_freeze_removes_b_from_optimizer_and_frees_its_state():
     model = _lamda(total=4, fraction=0.5)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     controller = LamdaFreezeController(model, 4)
     _loop(model, optimizer, controller, 2)
     controller.freeze_for_step(optimizer, 2)
@@ -91,7 +127,7 @@ def test_partial_freeze_keeps_optimizer_state_of_remaining_columns():
     k1 = layer.frozen_components("default")
     assert k1 > k0
     after = optimizer.state[layer.lamda_B["default"]]["exp_avg"]
-    assert torch.equal(after, before[:, k1 - k0:])
+    assert torch.equal(after, before[:, k1 - k0 :])
 
 
 def test_reference_code_rule_lets_zeroed_columns_move():
@@ -99,7 +135,9 @@ def test_reference_code_rule_lets_zeroed_columns_move():
     layer = next(m for m in model.modules() if isinstance(m, LamdaLayer))
     with torch.no_grad():
         layer.lamda_B["default"].normal_()  # B = 0 would hide weight decay
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5
+    )
     controller = LamdaFreezeController(model, 10)
     _loop(model, optimizer, controller, 3)
     before = layer.lamda_B["default"].detach().clone()
@@ -115,19 +153,34 @@ def test_trainer_callback_freezes_b_and_counts_updates(tmp_path):
     from lamda_repro.methods.lamda.method import updated_elements_in_optimizer
 
     batch = minilm_batch()
-    data = Dataset.from_dict({"input_ids": batch["input_ids"].tolist() * 4,
-                              "attention_mask": batch["attention_mask"].tolist() * 4, "labels": [0, 1] * 4})
-    model = get_peft_model(minilm_cls(), LamdaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
-                                                     freeze_fraction=0.5))
+    data = Dataset.from_dict(
+        {
+            "input_ids": batch["input_ids"].tolist() * 4,
+            "attention_mask": batch["attention_mask"].tolist() * 4,
+            "labels": [0, 1] * 4,
+        }
+    )
+    model = get_peft_model(
+        minilm_cls(),
+        LamdaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", freeze_fraction=0.5),
+    )
     updates = []
 
     class Count(TrainerCallback):
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             updates.append(updated_elements_in_optimizer(getattr(optimizer, "optimizer", optimizer)))
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2,
-                             learning_rate=1e-2, weight_decay=0.1, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[LamdaFreezeCallback(), Count()])
     trainer.train()
     layers = [m for m in model.modules() if isinstance(m, LamdaLayer)]

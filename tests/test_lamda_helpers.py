@@ -1,4 +1,5 @@
 """Shared tiny models for the LaMDA tests (helpers only, no tests here)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -15,8 +15,14 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -24,8 +30,14 @@ def tiny_bert_cls(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=97, num_labels=3)
+    config = BertConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=97,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -48,7 +60,9 @@ def minilm_batch():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    return tok(["a small test sentence", "spectral adapters freeze slowly"], padding=True, return_tensors="pt")
+    return tok(
+        ["a small test sentence", "spectral adapters freeze slowly"], padding=True, return_tensors="pt"
+    )
 
 
 def token_batch(seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = 97):

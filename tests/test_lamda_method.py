@@ -1,14 +1,14 @@
 """The suite's method types lamda / lamdapp / lamda_reference (methods/base.py interface)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_lamda_helpers import LLAMA_TARGETS, tiny_bert_cls, tiny_llama, token_batch  # noqa: F401
 
 from lamda_repro.measure import count_parameters
 from lamda_repro.methods.base import MethodConfigError, MethodContext, build_method, get_method_class
 from lamda_repro.methods.lamda import LamdaFreezeCallback, LamdaLayer
-from test_lamda_helpers import LLAMA_TARGETS, tiny_bert_cls, tiny_llama, token_batch  # noqa: F401
-
 
 
 def test_types_are_registered():
@@ -17,19 +17,29 @@ def test_types_are_registered():
 
 
 def test_config_entry_validates_and_rejects_unknown_keys():
-    entry = {"type": "lamda", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"],
-             "init": "svd", "freeze_fraction": 0.3}
+    entry = {
+        "type": "lamda",
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "target_modules": ["query", "value"],
+        "init": "svd",
+        "freeze_fraction": 0.3,
+    }
     get_method_class("lamda").check_params(entry, "methods.lamda")
     with pytest.raises(ValueError, match="init|pissa"):
         get_method_class("lamda").check_params({**entry, "init": "pissa"}, "methods.lamda")
     with pytest.raises(ValueError, match="r_min|additional"):
         get_method_class("lamda").check_params({**entry, "r_min": 2}, "methods.lamda")
-    get_method_class("lamdapp").check_params({**entry, "type": "lamdapp", "r_min": 2, "r_max": 16}, "methods.lamdapp")
+    get_method_class("lamdapp").check_params(
+        {**entry, "type": "lamdapp", "r_min": 2, "r_max": 16}, "methods.lamdapp"
+    )
 
 
 def test_seq_cls_head_trains_and_record_info():
-    method = build_method({"type": "lamda", "r": 4, "alpha": 8, "target_modules": ["query", "value"],
-                           "freeze_fraction": 0.5})
+    method = build_method(
+        {"type": "lamda", "r": 4, "alpha": 8, "target_modules": ["query", "value"], "freeze_fraction": 0.5}
+    )
     ctx = MethodContext(task_kind="seq-cls", model_type="bert", total_steps=8)
     model = method.apply(tiny_bert_cls(), ctx)
     assert any(isinstance(cb, LamdaFreezeCallback) for cb in method.callbacks(model, ctx))
@@ -44,8 +54,12 @@ def test_seq_cls_head_trains_and_record_info():
 
 
 def test_updated_elements_exclude_frozen_components():
-    method = build_method({"type": "lamda", "r": 4, "target_modules": ["q_proj", "v_proj"], "freeze_fraction": 0.5})
-    model = method.apply(tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=8))
+    method = build_method(
+        {"type": "lamda", "r": 4, "target_modules": ["q_proj", "v_proj"], "freeze_fraction": 0.5}
+    )
+    model = method.apply(
+        tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=8)
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x = token_batch()
     model(x, labels=x).loss.backward()
@@ -57,8 +71,12 @@ def test_updated_elements_exclude_frozen_components():
 
 
 def test_lamdapp_records_allocation_within_budget():
-    method = build_method({"type": "lamdapp", "r": 4, "target_modules": LLAMA_TARGETS, "r_min": 1, "r_max": 16})
-    model = method.apply(tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=4))
+    method = build_method(
+        {"type": "lamdapp", "r": 4, "target_modules": LLAMA_TARGETS, "r_min": 1, "r_max": 16}
+    )
+    model = method.apply(
+        tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=4)
+    )
     ranks = method.record_info(model)["lamda"]["rank_allocation"]
     assert len(ranks) == 14 and sum(r * r for r in ranks.values()) <= 14 * 16
     for name, module in model.named_modules():
@@ -68,8 +86,9 @@ def test_lamdapp_records_allocation_within_budget():
 
 def test_reference_variant_uses_reference_defaults():
     method = build_method({"type": "lamda_reference", "target_modules": ["q_proj"]})
-    model = method.apply(tiny_llama(hidden=128), MethodContext(task_kind="causal-lm", model_type="llama",
-                                                               total_steps=10))
+    model = method.apply(
+        tiny_llama(hidden=128), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=10)
+    )
     layer = next(m for m in model.modules() if isinstance(m, LamdaLayer))
     assert layer.r["default"] == 64 and layer.scaling["default"] == 16 / 64
     assert layer.lamda_dropout["default"].p == 0.1
@@ -78,4 +97,6 @@ def test_reference_variant_uses_reference_defaults():
 
 def test_unknown_task_kind_is_rejected():
     with pytest.raises(MethodConfigError, match="task kind"):
-        build_method({"type": "lamda", "r": 2}).apply(tiny_llama(), MethodContext(task_kind="qa", model_type="llama"))
+        build_method({"type": "lamda", "r": 2}).apply(
+            tiny_llama(), MethodContext(task_kind="qa", model_type="llama")
+        )

@@ -1,4 +1,5 @@
 """Measurements against values computed by hand."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Offline metrics against hand-computed values."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def test_rouge_matches_hand_counts():
 def test_rouge_is_the_mean_of_per_example_scores_and_deterministic():
     preds = ["the cat sat", "a dog barked loudly", "nothing in common"]
     refs = ["the cat sat", "the dog barked", "completely different words"]
-    each = [metrics.rouge_scores([p], [r])["rouge1"] for p, r in zip(preds, refs)]
+    each = [metrics.rouge_scores([p], [r])["rouge1"] for p, r in zip(preds, refs, strict=True)]
     first = metrics.rouge_scores(preds, refs)
     assert first["rouge1"] == pytest.approx(sum(each) / 3)
     assert all(metrics.rouge_scores(preds, refs) == first for _ in range(3))
@@ -37,7 +38,11 @@ def test_rouge_with_several_references_takes_the_best():
 
 
 def test_rouge_lsum_splits_sentences():
-    assert metrics.split_sentences("It rained. Then 3 cats ran! Done") == ["It rained.", "Then 3 cats ran!", "Done"]
+    assert metrics.split_sentences("It rained. Then 3 cats ran! Done") == [
+        "It rained.",
+        "Then 3 cats ran!",
+        "Done",
+    ]
     scores = metrics.rouge_scores(["Bob cooks. Ann"], ["Ann. Bob cooks"], ("rougeL", "rougeLsum"))
     assert scores["rougeLsum"] == pytest.approx(100.0) and scores["rougeL"] == pytest.approx(200 / 3)
 
@@ -47,7 +52,9 @@ def test_bleu_on_known_pairs():
     # Hand computation: hyp "the cat sat on the mat", ref "the cat sat on a mat" (13a tokens).
     # p1 = 5/6, p2 = 3/5, p3 = 2/4, p4 = 1/3; brevity penalty 1 (equal lengths).
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert metrics.bleu_score(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected, rel=1e-6)
+    assert metrics.bleu_score(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_bleu_accepts_a_different_number_of_references_per_example():
@@ -77,18 +84,21 @@ def test_perplexity_of_a_known_loss():
         metrics.perplexity(1.0, 0)
 
 
-@pytest.mark.parametrize("text, number", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-    ("#### 1,200", "1200"),
-    ("#### 1,200.00", "1200"),
-    ("#### -3", "-3"),
-    ("#### 0.50", "0.5"),
-    ("She pays $18 every day. The answer is 18.", "18"),
-    ("3 apples and 4 pears #### 7 and more text 9", "7"),
-    ("first #### 5 then #### 6", "6"),
-    ("no digits here", None),
-    ("#### nothing after the marker", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+        ("#### 1,200", "1200"),
+        ("#### 1,200.00", "1200"),
+        ("#### -3", "-3"),
+        ("#### 0.50", "0.5"),
+        ("She pays $18 every day. The answer is 18.", "18"),
+        ("3 apples and 4 pears #### 7 and more text 9", "7"),
+        ("first #### 5 then #### 6", "6"),
+        ("no digits here", None),
+        ("#### nothing after the marker", None),
+    ],
+)
 def test_gsm8k_extraction(text, number):
     assert metrics.extract_final_number(text) == number
 

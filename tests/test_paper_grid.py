@@ -1,4 +1,5 @@
 """`snakemake -n` on the paper config lists the whole grid, and the cluster profile resolves."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def _job_counts(text):
 
 def test_paper_config_dry_run_lists_the_full_grid():
     cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
-    expected = sum(len(e["models"]) * len(e["tasks"]) * len(e["methods"]) * len(e.get("seeds", [0]))
-                   for e in cfg["experiments"].values())
+    expected = sum(
+        len(e["models"]) * len(e["tasks"]) * len(e["methods"]) * len(e.get("seeds", [0]))
+        for e in cfg["experiments"].values()
+    )
     proc = _dry_run("--profile", "profiles/slurm", "--configfile", "config/paper.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = _job_counts(proc.stdout + proc.stderr)

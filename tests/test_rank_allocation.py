@@ -1,14 +1,14 @@
 """LaMDA++ rank allocation: deterministic, within budget and clamps, more rank where the spectrum says."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_lamda_helpers import tiny_llama  # noqa: F401
 
 from lamda_repro.methods.lamda import allocate_ranks, rank_pattern_for_lamdapp, weight_spectra
 from lamda_repro.methods.lamda.allocation import RankAllocationError, captured_energy
-from test_lamda_helpers import tiny_llama  # noqa: F401
-
 
 
 def matrix_with_spectrum(sigma, n=64, seed=0):
@@ -29,8 +29,8 @@ def test_captured_energy_matches_definition():
 
 def test_flat_spectrum_gets_more_rank_than_concentrated_one():
     flat = [1.0] * 64
-    steep = [2.0 ** -i for i in range(64)]
-    ranks = allocate_ranks({"flat": flat, "steep": steep, "mid": [0.9 ** i for i in range(64)]}, r0=8)
+    steep = [2.0**-i for i in range(64)]
+    ranks = allocate_ranks({"flat": flat, "steep": steep, "mid": [0.9**i for i in range(64)]}, r0=8)
     assert ranks["flat"] > ranks["mid"] > ranks["steep"]
     reverse = allocate_ranks({"flat": flat, "steep": steep}, r0=8, direction="more_energy_more_rank")
     assert reverse["steep"] > reverse["flat"]
@@ -44,7 +44,9 @@ def test_budget_and_clamps_are_respected():
         assert sum(r * r for r in ranks.values()) <= len(spectra) * r0 * r0
         assert all(kw.get("r_min", 1) <= r <= kw.get("r_max", 4 * r0) for r in ranks.values())
         # nearly all of the budget is used (at most one increment per module left over)
-        assert sum(r * r for r in ranks.values()) >= len(spectra) * r0 * r0 - sum(2 * r + 1 for r in ranks.values())
+        assert sum(r * r for r in ranks.values()) >= len(spectra) * r0 * r0 - sum(
+            2 * r + 1 for r in ranks.values()
+        )
     linear = allocate_ranks(spectra, r0, budget="linear")
     assert sum(linear.values()) <= len(spectra) * r0
 
@@ -52,12 +54,12 @@ def test_budget_and_clamps_are_respected():
 def test_equal_spectra_give_uniform_ranks_and_allocation_is_deterministic():
     spectra = {f"layer{i}": [1.0 / (j + 1) for j in range(32)] for i in range(6)}
     assert allocate_ranks(spectra, 8) == {n: 8 for n in spectra}
-    mixed = {"a": [1.0] * 32, "b": [1 / (j + 1) for j in range(32)], "c": [0.5 ** j for j in range(32)]}
+    mixed = {"a": [1.0] * 32, "b": [1 / (j + 1) for j in range(32)], "c": [0.5**j for j in range(32)]}
     assert allocate_ranks(mixed, 6) == allocate_ranks(dict(reversed(list(mixed.items()))), 6)
 
 
 def test_rank_capped_by_matrix_size():
-    ranks = allocate_ranks({"small": [1.0] * 4, "big": [0.5 ** j for j in range(64)]}, r0=8, r_max=32)
+    ranks = allocate_ranks({"small": [1.0] * 4, "big": [0.5**j for j in range(64)]}, r0=8, r_max=32)
     assert ranks["small"] <= 4
 
 
@@ -77,7 +79,8 @@ def test_known_spectra_in_a_model_and_lora_rank_pattern_export():
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.copy_(matrix_with_spectrum([1.0] * 64).float())
         model.model.layers[0].self_attn.v_proj.weight[:32].copy_(
-            matrix_with_spectrum([0.5 ** j for j in range(32)], seed=1)[:32].float())
+            matrix_with_spectrum([0.5**j for j in range(32)], seed=1)[:32].float()
+        )
         model.model.layers[0].self_attn.v_proj.weight[32:].zero_()
     spectra = weight_spectra(model, ["q_proj", "v_proj"])
     assert set(spectra) == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}

@@ -1,5 +1,6 @@
 """Conversion to Recursive Transformers: sharing maps, initializations, tying, gradients,
 KV cache and saving."""
+
 import copy
 
 import pytest
@@ -22,8 +23,15 @@ ARCHS = ["llama", "gemma", "gpt_neox", "gpt2"]
 
 def _model(arch="llama", num_layers=6, seed=0):
     torch.manual_seed(seed)
-    model = tiny_causal_lm(arch, vocab_size=64, hidden_size=32, num_layers=num_layers, num_heads=4,
-                           num_kv_heads=2, intermediate_size=48)
+    model = tiny_causal_lm(
+        arch,
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+    )
     with torch.no_grad():  # distinct norm weights per layer, so tying norms is observable
         for param in model.parameters():
             if param.dim() == 1:
@@ -49,9 +57,22 @@ def test_cycle_and_sequence_maps():
 
 def test_init_source_layers():
     assert [RecursionSpec(6, 2, "cycle", "stepwise").source_layers(k) for k in range(3)] == [[0], [2], [5]]
-    assert [RecursionSpec(8, 2, "cycle", "stepwise").source_layers(k) for k in range(4)] == [[0], [2], [5], [7]]
-    assert [RecursionSpec(6, 2, "cycle", "average").source_layers(k) for k in range(3)] == [[0, 3], [1, 4], [2, 5]]
-    assert [RecursionSpec(6, 2, "sequence", "average").source_layers(k) for k in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [RecursionSpec(8, 2, "cycle", "stepwise").source_layers(k) for k in range(4)] == [
+        [0],
+        [2],
+        [5],
+        [7],
+    ]
+    assert [RecursionSpec(6, 2, "cycle", "average").source_layers(k) for k in range(3)] == [
+        [0, 3],
+        [1, 4],
+        [2, 5],
+    ]
+    assert [RecursionSpec(6, 2, "sequence", "average").source_layers(k) for k in range(3)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+    ]
     assert [RecursionSpec(6, 2, "cycle", "lower").source_layers(k) for k in range(3)] == [[0], [1], [2]]
     assert [RecursionSpec(6, 2, "cycle", "upper").source_layers(k) for k in range(3)] == [[3], [4], [5]]
 
@@ -64,9 +85,15 @@ def test_single_loop_conversion_reproduces_logits_exactly(arch):
         assert torch.equal(converted(_ids()).logits, model(_ids()).logits)
 
 
-@pytest.mark.parametrize("init, picks", [("stepwise", {0: [0], 1: [2], 2: [5]}), ("lower", {0: [0], 1: [1], 2: [2]}),
-                                         ("upper", {0: [3], 1: [4], 2: [5]}),
-                                         ("average", {0: [0, 3], 1: [1, 4], 2: [2, 5]})])
+@pytest.mark.parametrize(
+    "init, picks",
+    [
+        ("stepwise", {0: [0], 1: [2], 2: [5]}),
+        ("lower", {0: [0], 1: [1], 2: [2]}),
+        ("upper", {0: [3], 1: [4], 2: [5]}),
+        ("average", {0: [0, 3], 1: [1, 4], 2: [2, 5]}),
+    ],
+)
 def test_initializations_take_the_specified_layers(init, picks):
     model = _model("llama", num_layers=6)
     converted = convert_to_recursive(model, num_loops=2, sharing="cycle", init=init)
@@ -81,7 +108,9 @@ def test_sequence_average_uses_adjacent_layers():
     model = _model("llama", num_layers=6)
     converted = convert_to_recursive(model, num_loops=3, sharing="sequence", init="average")
     name = "mlp.up_proj.weight"
-    expected = (_layer_tensor(model, 3, name) + _layer_tensor(model, 4, name) + _layer_tensor(model, 5, name)) / 3
+    expected = (
+        _layer_tensor(model, 3, name) + _layer_tensor(model, 4, name) + _layer_tensor(model, 5, name)
+    ) / 3
     assert torch.allclose(_layer_tensor(converted, 4, name), expected, atol=1e-7)
 
 
@@ -90,10 +119,10 @@ def test_tied_positions_share_storage_and_embeddings_are_untouched(arch):
     model = _model(arch, num_layers=4)
     converted = convert_to_recursive(model, num_loops=2, init="average")
     layers = decoder_layers(converted)
-    for (n0, p0), (n2, p2) in zip(layers[0].named_parameters(), layers[2].named_parameters()):
+    for (n0, p0), (n2, p2) in zip(layers[0].named_parameters(), layers[2].named_parameters(), strict=True):
         assert n0 == n2 and p0 is p2
     assert decoder_layers(converted)[0].state_dict()[n0].data_ptr() == layers[2].state_dict()[n2].data_ptr()
-    assert all(p0 is not p1 for p0, p1 in zip(layers[0].parameters(), layers[1].parameters()))
+    assert all(p0 is not p1 for p0, p1 in zip(layers[0].parameters(), layers[1].parameters(), strict=True))
     emb_before, emb_after = model.get_input_embeddings().weight, converted.get_input_embeddings().weight
     assert torch.equal(emb_before, emb_after) and emb_before is not emb_after
     non_embedding = sum(p.numel() for p in layers.parameters())
@@ -115,7 +144,9 @@ def test_backward_gives_tied_weights_the_sum_of_position_gradients():
         layer = decoder_layers(untied)[position]
         for name, param in list(layer.named_parameters()):
             path, _, leaf = name.rpartition(".")
-            setattr(layer.get_submodule(path) if path else layer, leaf, torch.nn.Parameter(param.detach().clone()))
+            setattr(
+                layer.get_submodule(path) if path else layer, leaf, torch.nn.Parameter(param.detach().clone())
+            )
     ids = _ids()
     tied(input_ids=ids, labels=ids).loss.backward()
     untied(input_ids=ids, labels=ids).loss.backward()
@@ -134,16 +165,19 @@ def test_generate_with_kv_cache_equals_without(arch):
     with_cache = model.generate(ids, use_cache=True, **kwargs)
     without_cache = model.generate(ids, use_cache=False, **kwargs)
     assert torch.equal(with_cache, without_cache)
-    attention = [getattr(layer, "self_attn", None) or getattr(layer, "attention", None) or layer.attn
-                 for layer in decoder_layers(model)]
+    attention = [
+        getattr(layer, "self_attn", None) or getattr(layer, "attention", None) or layer.attn
+        for layer in decoder_layers(model)
+    ]
     assert [a.layer_idx for a in attention] == [0, 1, 2, 3]  # one cache slot per position
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 @pytest.mark.parametrize("lora_rank", [None, 4])
 def test_save_and_load_keep_ties_and_store_shared_weights_once(tmp_path, arch, lora_rank):
-    model = convert_to_recursive(_model(arch, num_layers=6), num_loops=3, sharing="sequence", init="average",
-                                 lora_rank=lora_rank)
+    model = convert_to_recursive(
+        _model(arch, num_layers=6), num_loops=3, sharing="sequence", init="average", lora_rank=lora_rank
+    )
     save_recursive(model, tmp_path)
     from safetensors import safe_open
 
@@ -167,17 +201,22 @@ def test_truncated_baseline_keeps_first_layers():
     model = _model("llama", num_layers=6)
     small = truncate_layers(model, 3)
     assert len(decoder_layers(small)) == 3 and small.config.num_hidden_layers == 3
-    assert torch.equal(_layer_tensor(small, 2, "mlp.up_proj.weight"), _layer_tensor(model, 2, "mlp.up_proj.weight"))
+    assert torch.equal(
+        _layer_tensor(small, 2, "mlp.up_proj.weight"), _layer_tensor(model, 2, "mlp.up_proj.weight")
+    )
     small(_ids())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_loops": 4}, "does not divide"),
-    ({"num_loops": 0}, "positive integer"),
-    ({"num_loops": 2, "sharing": "zigzag"}, "sharing"),
-    ({"num_loops": 2, "init": "best"}, "init"),
-    ({"num_loops": 2, "init": "average", "inplace": True}, "inplace"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_loops": 4}, "does not divide"),
+        ({"num_loops": 0}, "positive integer"),
+        ({"num_loops": 2, "sharing": "zigzag"}, "sharing"),
+        ({"num_loops": 2, "init": "best"}, "init"),
+        ({"num_loops": 2, "init": "average", "inplace": True}, "inplace"),
+    ],
+)
 def test_bad_settings_raise_one_line_errors(kwargs, message):
     with pytest.raises(RecursiveConfigError, match=message):
         convert_to_recursive(_model("llama", num_layers=6), **kwargs)

@@ -1,4 +1,5 @@
 """Non-embedding parameter counts: the paper's Gemma 2B numbers, and agreement with built models."""
+
 import pytest
 import torch
 from transformers import GemmaConfig
@@ -8,16 +9,26 @@ from lamda_repro.recursive.counts import model_non_embedding_parameters, non_emb
 from lamda_repro.recursive.tiny import tiny_causal_lm, tiny_config
 
 # Published Gemma 2B configuration (values written out: no Hub access in tests).
-GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,
-                num_key_value_heads=1, head_dim=256, intermediate_size=16384)
+GEMMA_2B = dict(
+    vocab_size=256000,
+    hidden_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    intermediate_size=16384,
+)
 
 
-@pytest.mark.parametrize("key, rank, expected", [
-    ("vanilla", None, 1.98e9),
-    ("recursive", None, 0.99e9),
-    ("relaxed", 64, 1.07e9),
-    ("relaxed", 512, 1.60e9),
-])
+@pytest.mark.parametrize(
+    "key, rank, expected",
+    [
+        ("vanilla", None, 1.98e9),
+        ("recursive", None, 0.99e9),
+        ("relaxed", 64, 1.07e9),
+        ("relaxed", 512, 1.60e9),
+    ],
+)
 def test_gemma_2b_counts_match_the_paper(key, rank, expected):
     counts = non_embedding_counts(GemmaConfig(**GEMMA_2B), num_loops=2, lora_rank=rank)
     assert abs(counts[key] - expected) / expected < 0.005
@@ -36,7 +47,9 @@ def test_gemma_2b_relaxed_ranks_are_ordered_and_capped():
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gpt_neox", "gpt2"])
 @pytest.mark.parametrize("rank", [None, 3, 40])
 def test_config_counts_equal_the_converted_models(arch, rank):
-    kwargs = dict(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    kwargs = dict(
+        vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=48
+    )
     torch.manual_seed(0)
     model = tiny_causal_lm(arch, **kwargs)
     counts = non_embedding_counts(tiny_config(arch, **kwargs), num_loops=3, lora_rank=rank)

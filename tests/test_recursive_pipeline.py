@@ -1,4 +1,5 @@
 """Smoke corpus, tasks, lm-eval on converted models, config checks, records -> table and figure."""
+
 import json
 
 import pytest
@@ -51,11 +52,18 @@ def test_lm_eval_runs_on_a_converted_model_with_local_tasks(tmp_path):
     tokenizer = corpus.build_word_tokenizer(corpus.smoke_vocabulary())
     tasks = corpus.write_smoke_tasks(tmp_path / "tasks", seed=0, test_size=6, train_size=4)
     torch.manual_seed(0)
-    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=4,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_causal_lm(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_layers=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     relaxed = convert_to_recursive(model, num_loops=2, init="average", lora_rank=2)
-    scores = lm_eval_accuracy(relaxed, tokenizer, tasks, include_path=str(tmp_path / "tasks"), num_fewshot=1,
-                              batch_size=8)
+    scores = lm_eval_accuracy(
+        relaxed, tokenizer, tasks, include_path=str(tmp_path / "tasks"), num_fewshot=1, batch_size=8
+    )
     assert set(scores) == set(tasks) and all(0.0 <= s <= 1.0 for s in scores.values())
     assert all(abs(s * 6 - round(s * 6)) < 1e-9 for s in scores.values())  # 6 examples per task
     with pytest.raises(EvalConfigError, match="unknown lm-eval tasks"):
@@ -78,9 +86,11 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 SECTION = {
     "models": {"tiny": {"pretrain": {"num_layers": 4}}},
     "uptrain": {"steps": 2},
-    "runs": [{"name": "full", "model": "tiny", "variant": "original"},
-             {"name": "rrt", "model": "tiny", "variant": "recursive", "num_loops": 2, "lora_rank": 4},
-             {"name": "half", "model": "tiny", "variant": "truncated", "num_loops": 2, "uptrain": {"lr": 0.1}}],
+    "runs": [
+        {"name": "full", "model": "tiny", "variant": "original"},
+        {"name": "rrt", "model": "tiny", "variant": "recursive", "num_loops": 2, "lora_rank": 4},
+        {"name": "half", "model": "tiny", "variant": "truncated", "num_loops": 2, "uptrain": {"lr": 0.1}},
+    ],
 }
 
 
@@ -93,14 +103,20 @@ def test_section_defaults_and_uptrain_selection():
     assert uptrain_config(section, half).lr == 0.1 and uptrain_config(section, half).steps == 2
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s["runs"].append({"name": "x", "model": "nope", "variant": "original"}), "unknown model"),
-    (lambda s: s["runs"].append({"name": "x", "model": "tiny", "variant": "recursive"}), "needs num_loops"),
-    (lambda s: s["runs"].append({"name": "full", "model": "tiny", "variant": "original"}), "duplicate"),
-    (lambda s: s["runs"].append({"name": "x", "model": "tiny", "variant": "loop"}), "variant"),
-    (lambda s: s["uptrain"].update(kd_loss="ce"), "kd_loss"),
-    (lambda s: s["models"]["tiny"].update(path="a/b"), "models.tiny"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["runs"].append({"name": "x", "model": "nope", "variant": "original"}), "unknown model"),
+        (
+            lambda s: s["runs"].append({"name": "x", "model": "tiny", "variant": "recursive"}),
+            "needs num_loops",
+        ),
+        (lambda s: s["runs"].append({"name": "full", "model": "tiny", "variant": "original"}), "duplicate"),
+        (lambda s: s["runs"].append({"name": "x", "model": "tiny", "variant": "loop"}), "variant"),
+        (lambda s: s["uptrain"].update(kd_loss="ce"), "kd_loss"),
+        (lambda s: s["models"]["tiny"].update(path="a/b"), "models.tiny"),
+    ],
+)
 def test_bad_sections_raise_one_line_errors(change, message):
     import copy
 
@@ -122,17 +138,24 @@ def test_scratch_and_truncated_variants_have_k_layers():
 
 def _record(name, variant, params, avg, status="success", **run):
     metrics = {"acc_t1": avg, "acc_t2": avg, "average": avg, "perplexity": 3.0} if status == "success" else {}
-    return {"kind": "recursive", "run_id": f"m--{name}", "status": status,
-            "spec": {"run": {"name": name, "model": "m", "variant": variant, **run}, "model": {"label": "M"}},
-            "params": {"non_embedding": params}, "metrics": metrics}
+    return {
+        "kind": "recursive",
+        "run_id": f"m--{name}",
+        "status": status,
+        "spec": {"run": {"name": name, "model": "m", "variant": variant, **run}, "model": {"label": "M"}},
+        "params": {"non_embedding": params},
+        "metrics": metrics,
+    }
 
 
 def test_table_and_figure_from_records(tmp_path):
-    records = [_record("full", "original", 2000, 0.8),
-               _record("rt", "recursive", 1000, 0.7, num_loops=2, init="average"),
-               _record("rrt", "recursive", 1200, 0.75, num_loops=2, init="average", lora_rank=8),
-               _record("broken", "recursive", 1000, 0.0, status="failed", num_loops=2),
-               {"kind": "finetune", "run_id": "other"}]
+    records = [
+        _record("full", "original", 2000, 0.8),
+        _record("rt", "recursive", 1000, 0.7, num_loops=2, init="average"),
+        _record("rrt", "recursive", 1200, 0.75, num_loops=2, init="average", lora_rank=8),
+        _record("broken", "recursive", 1000, 0.0, status="failed", num_loops=2),
+        {"kind": "finetune", "run_id": "other"},
+    ]
     frame = write_table(records, tmp_path / "t")
     assert list(frame["run"]) == ["broken", "rt", "rrt", "full"]
     md = (tmp_path / "t.md").read_text()
@@ -148,7 +171,10 @@ def test_cli_counts_command(tmp_path, capsys):
     from lamda_repro.recursive.tiny import tiny_config
 
     tiny_config("gemma", num_layers=4).save_pretrained(tmp_path)
-    assert main(["recursive-counts", "--model-config", str(tmp_path), "--num-loops", "2", "--lora-rank", "4"]) == 0
+    assert (
+        main(["recursive-counts", "--model-config", str(tmp_path), "--num-loops", "2", "--lora-rank", "4"])
+        == 0
+    )
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["recursive"] * 2 == counts["vanilla"] and counts["relaxed"] > counts["recursive"]
 
@@ -157,23 +183,50 @@ def test_cli_counts_command(tmp_path, capsys):
 def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
     from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model
 
-    section = resolve_section({
-        "corpus": {"num_documents": 200, "num_validation": 20, "task_test_size": 8},
-        "models": {"tiny": {"pretrain": {"hidden_size": 32, "num_layers": 4, "intermediate_size": 64, "steps": 5,
-                                         "batch_size": 4, "seq_len": 32}}},
-        "uptrain": {"steps": 3, "batch_size": 4, "seq_len": 32, "kd_weight": 0.5},
-        "eval": {"ppl_batches": 2, "throughput_seq_len": 16, "throughput_batch_size": 2},
-        "runs": [{"name": "rrt", "model": "tiny", "variant": "recursive", "num_loops": 2, "lora_rank": 2,
-                  "save_model": True}],
-    })
+    section = resolve_section(
+        {
+            "corpus": {"num_documents": 200, "num_validation": 20, "task_test_size": 8},
+            "models": {
+                "tiny": {
+                    "pretrain": {
+                        "hidden_size": 32,
+                        "num_layers": 4,
+                        "intermediate_size": 64,
+                        "steps": 5,
+                        "batch_size": 4,
+                        "seq_len": 32,
+                    }
+                }
+            },
+            "uptrain": {"steps": 3, "batch_size": 4, "seq_len": 32, "kd_weight": 0.5},
+            "eval": {"ppl_batches": 2, "throughput_seq_len": 16, "throughput_batch_size": 2},
+            "runs": [
+                {
+                    "name": "rrt",
+                    "model": "tiny",
+                    "variant": "recursive",
+                    "num_loops": 2,
+                    "lora_rank": 2,
+                    "save_model": True,
+                }
+            ],
+        }
+    )
     prepare_corpus(section, tmp_path)
     pretrain_model(section, "tiny", tmp_path, torch.device("cpu"))
     record = execute_run(section, "tiny--rrt", tmp_path, "cpu")
     assert record["status"] == "success", record.get("error")
-    assert set(record["metrics"]) == {"acc_smoke_facts", "acc_smoke_count", "acc_smoke_copy", "average", "perplexity"}
+    assert set(record["metrics"]) == {
+        "acc_smoke_facts",
+        "acc_smoke_count",
+        "acc_smoke_copy",
+        "average",
+        "perplexity",
+    }
     assert record["params"]["non_embedding"] < record["params"]["non_embedding_base"]
     assert record["train"]["tokens"] == 3 * 4 * 32 and record["throughput"]["forward_tokens_per_s"] > 0
     assert (tmp_path / "recursive" / "runs" / "tiny--rrt" / "model.safetensors").exists()
-    failed = execute_run({**section, "models": {"tiny": {"path": str(tmp_path / "missing")}}}, "tiny--rrt",
-                         tmp_path, "cpu")
+    failed = execute_run(
+        {**section, "models": {"tiny": {"path": str(tmp_path / "missing")}}}, "tiny--rrt", tmp_path, "cpu"
+    )
     assert failed["status"] == "failed" and failed["error"]

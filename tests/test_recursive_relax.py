@@ -1,11 +1,18 @@
 """Relaxed Recursive Transformers: depth-wise LoRA structure, SVD and zero init, rank ordering."""
+
 import copy
 
 import pytest
 import torch
 
 from lamda_repro.recursive.convert import RecursiveConfigError, convert_to_recursive, decoder_layers
-from lamda_repro.recursive.relax import DepthLoRALinear, LoraSpec, lora_rank_summary, relax_recursive, svd_factors
+from lamda_repro.recursive.relax import (
+    DepthLoRALinear,
+    LoraSpec,
+    lora_rank_summary,
+    relax_recursive,
+    svd_factors,
+)
 from lamda_repro.recursive.tiny import tiny_causal_lm
 
 ARCHS = ["llama", "gemma", "gpt_neox", "gpt2"]
@@ -13,8 +20,15 @@ ARCHS = ["llama", "gemma", "gpt_neox", "gpt2"]
 
 def _model(arch="llama", num_layers=4, perturb_vectors=True, seed=0):
     torch.manual_seed(seed)
-    model = tiny_causal_lm(arch, vocab_size=64, hidden_size=32, num_layers=num_layers, num_heads=4,
-                           num_kv_heads=2, intermediate_size=48)
+    model = tiny_causal_lm(
+        arch,
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+    )
     if perturb_vectors:
         with torch.no_grad():
             for param in model.parameters():
@@ -50,8 +64,15 @@ def test_rank_is_capped_per_matrix_and_loras_are_per_position():
     model = convert_to_recursive(_model("llama"), num_loops=2, lora_rank=20)
     ranks = lora_rank_summary(model)
     # k/v map 32 -> 16 (2 KV heads x 8): capped at 16; MLP maps 32 <-> 48: capped at 32 is not hit.
-    assert ranks == {"self_attn.q_proj": 20, "self_attn.k_proj": 16, "self_attn.v_proj": 16, "self_attn.o_proj": 20,
-                     "mlp.gate_proj": 20, "mlp.up_proj": 20, "mlp.down_proj": 20}
+    assert ranks == {
+        "self_attn.q_proj": 20,
+        "self_attn.k_proj": 16,
+        "self_attn.v_proj": 16,
+        "self_attn.o_proj": 20,
+        "mlp.gate_proj": 20,
+        "mlp.up_proj": 20,
+        "mlp.down_proj": 20,
+    }
     layers = decoder_layers(model)
     q0, q2 = layers[0].self_attn.q_proj, layers[2].self_attn.q_proj
     assert isinstance(q0, DepthLoRALinear) and q0.base_layer.weight is q2.base_layer.weight
@@ -81,8 +102,13 @@ def test_zero_init_starts_at_the_recursive_model_and_still_learns():
 
 def test_error_shrinks_as_rank_grows():
     model = _model("llama")
-    errors = [_max_logit_error(convert_to_recursive(model, num_loops=2, init="average", lora_rank=r,
-                                                    per_position_vectors=True), model) for r in (1, 4, 8, 16, 48)]
+    errors = [
+        _max_logit_error(
+            convert_to_recursive(model, num_loops=2, init="average", lora_rank=r, per_position_vectors=True),
+            model,
+        )
+        for r in (1, 4, 8, 16, 48)
+    ]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-4 < errors[0]
 
 
@@ -101,7 +127,9 @@ def test_relaxing_a_non_recursive_model_or_twice_is_refused():
         relax_recursive(relaxed, model, LoraSpec(rank=2))
 
 
-@pytest.mark.parametrize("kwargs, message", [({"rank": 0}, "positive"), ({"rank": 4, "init": "gauss"}, "init")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"rank": 0}, "positive"), ({"rank": 4, "init": "gauss"}, "init")]
+)
 def test_bad_lora_settings_raise(kwargs, message):
     with pytest.raises(RecursiveConfigError, match=message):
         LoraSpec(**kwargs)

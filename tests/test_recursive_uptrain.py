@@ -1,4 +1,7 @@
 """Distillation losses and the uptraining loop."""
+
+import itertools
+
 import pytest
 import torch
 
@@ -58,7 +61,7 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     cfg = UptrainConfig(steps=20, warmup_steps=4, min_lr_ratio=0.1)
     factors = [lr_factor(s, cfg) for s in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
-    assert all(x >= y for x, y in zip(factors[4:], factors[5:])) and abs(factors[20] - 0.1) < 1e-9
+    assert all(x >= y for x, y in itertools.pairwise(factors[4:])) and abs(factors[20] - 0.1) < 1e-9
 
 
 def _batches(seed=0):
@@ -70,8 +73,15 @@ def _batches(seed=0):
 
 def _run(kd_weight, seed=0, steps=15):
     torch.manual_seed(0)
-    teacher = tiny_causal_lm("llama", vocab_size=32, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                             intermediate_size=48)
+    teacher = tiny_causal_lm(
+        "llama",
+        vocab_size=32,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+    )
     student = convert_to_recursive(teacher, num_loops=2, init="average", lora_rank=2)
     cfg = UptrainConfig(steps=steps, batch_size=4, seq_len=12, lr=1e-2, warmup_steps=2, kd_weight=kd_weight)
     stats = train_causal_lm(student, _batches(), cfg, teacher=teacher if kd_weight else None, seed=seed)
@@ -84,7 +94,7 @@ def test_uptraining_lowers_the_loss_and_is_deterministic():
     assert stats["final_loss"] < stats["first_loss"]
     assert stats["tokens"] == 15 * 4 * 12
     assert stats["final_loss"] == stats_again["final_loss"]
-    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), again.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), again.parameters(), strict=True))
     layers = decoder_layers(student)  # tying survives training
     assert layers[0].mlp.up_proj.base_layer.weight is layers[2].mlp.up_proj.base_layer.weight
 
@@ -93,11 +103,20 @@ def test_distillation_runs_and_needs_a_teacher():
     _, stats = _run(0.5, steps=5)
     assert stats["final_loss"] > 0
     with pytest.raises(DistillConfigError, match="teacher"):
-        train_causal_lm(tiny_causal_lm("llama", vocab_size=32), _batches(), UptrainConfig(steps=1, kd_weight=0.5))
+        train_causal_lm(
+            tiny_causal_lm("llama", vocab_size=32), _batches(), UptrainConfig(steps=1, kd_weight=0.5)
+        )
 
 
-@pytest.mark.parametrize("data, message", [({"steps": -1}, "steps"), ({"kd_loss": "ce"}, "kd_loss"),
-                                           ({"kd_weight": 2.0}, "kd_weight"), ({"learning_rate": 1}, "unknown")])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"steps": -1}, "steps"),
+        ({"kd_loss": "ce"}, "kd_loss"),
+        ({"kd_weight": 2.0}, "kd_weight"),
+        ({"learning_rate": 1}, "unknown"),
+    ],
+)
 def test_bad_uptrain_settings_raise(data, message):
     with pytest.raises(DistillConfigError, match=message):
         UptrainConfig.from_dict(data)

@@ -1,4 +1,5 @@
 """Run records are written atomically and keep the documented fields."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,25 @@ from lamda_repro import results
 
 def test_record_has_every_documented_field(tmp_path):
     rec = results.new_record("a/b", "finetune", {"x": 1})
-    for key in ("schema_version", "run_id", "kind", "spec", "status", "error", "metrics",
-                "primary_metric", "params", "parameter_updates", "memory", "throughput",
-                "method_info", "wall_time_s", "started_at", "finished_at", "env"):
+    for key in (
+        "schema_version",
+        "run_id",
+        "kind",
+        "spec",
+        "status",
+        "error",
+        "metrics",
+        "primary_metric",
+        "params",
+        "parameter_updates",
+        "memory",
+        "throughput",
+        "method_info",
+        "wall_time_s",
+        "started_at",
+        "finished_at",
+        "env",
+    ):
         assert key in rec
     assert set(rec["env"]) == {"versions", "git_revision", "hardware"}
 

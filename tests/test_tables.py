@@ -1,4 +1,5 @@
 """Tables from synthetic run records: values, seed statistics, failed/missing/n/a cells, ratios."""
+
 import math
 from pathlib import Path
 
@@ -9,25 +10,58 @@ from lamda_repro import tables
 from lamda_repro.claims import parse_reference
 
 
-def finetune_record(task="sst2", method="lora_r8", method_type="lora", r=8, seed=0, score=0.9,
-                    status="success", metric="accuracy", experiment="nlu", family="nlu",
-                    model="minilm", updates=8000, trainable=80000, saved=4096, state=8192,
-                    peak=2 ** 20, peak_kind="cpu_rss", scale=None):
-    spec = {"experiment": experiment, "family": family, "task": task, "model": model,
-            "method": method, "method_type": method_type,
-            "method_params": {"type": method_type, **({"r": r} if r else {})}, "seed": seed}
+def finetune_record(
+    task="sst2",
+    method="lora_r8",
+    method_type="lora",
+    r=8,
+    seed=0,
+    score=0.9,
+    status="success",
+    metric="accuracy",
+    experiment="nlu",
+    family="nlu",
+    model="minilm",
+    updates=8000,
+    trainable=80000,
+    saved=4096,
+    state=8192,
+    peak=2**20,
+    peak_kind="cpu_rss",
+    scale=None,
+):
+    spec = {
+        "experiment": experiment,
+        "family": family,
+        "task": task,
+        "model": model,
+        "method": method,
+        "method_type": method_type,
+        "method_params": {"type": method_type, **({"r": r} if r else {})},
+        "seed": seed,
+    }
     if scale:
         spec["scale"] = scale
     ok = status == "success"
     return {
-        "schema_version": 1, "run_id": f"{experiment}/{task}/{model}/{method}/seed{seed}",
-        "kind": "finetune", "spec": spec, "status": status,
+        "schema_version": 1,
+        "run_id": f"{experiment}/{task}/{model}/{method}/seed{seed}",
+        "kind": "finetune",
+        "spec": spec,
+        "status": status,
         "error": None if ok else "RuntimeError: out of memory",
-        "metrics": {metric: score} if ok else {}, "primary_metric": metric,
-        "params": {"trainable": trainable, "total": 10 ** 6}, "parameter_updates": updates,
-        "memory": {"peak_bytes": peak, "peak_kind": peak_kind, "saved_for_backward_bytes": saved,
-                   "train_state_bytes": state},
-        "throughput": {"train_samples_per_s": 50.0}, "wall_time_s": 3.0,
+        "metrics": {metric: score} if ok else {},
+        "primary_metric": metric,
+        "params": {"trainable": trainable, "total": 10**6},
+        "parameter_updates": updates,
+        "memory": {
+            "peak_bytes": peak,
+            "peak_kind": peak_kind,
+            "saved_for_backward_bytes": saved,
+            "train_state_bytes": state,
+        },
+        "throughput": {"train_samples_per_s": 50.0},
+        "wall_time_s": 3.0,
     }
 
 
@@ -36,8 +70,7 @@ class FakeReference:
         self.values = values
 
     def table_value(self, **key):
-        return self.values.get(tuple(key[k] for k in ("family", "task", "model", "method",
-                                                       "metric")))
+        return self.values.get(tuple(key[k] for k in ("family", "task", "model", "method", "metric")))
 
 
 def cells_of(records):
@@ -64,15 +97,19 @@ def test_single_seed_has_no_std():
 
 
 def test_non_percent_metric_is_not_scaled():
-    recs = [finetune_record(task="wikitext", metric="perplexity", score=23.456, family="generation",
-                            experiment="gen")]
+    recs = [
+        finetune_record(
+            task="wikitext", metric="perplexity", score=23.456, family="generation", experiment="gen"
+        )
+    ]
     table = tables.family_table(cells_of(recs), "generation")
     assert suite_row(table, "lora_r8")["wikitext (perplexity)"] == "23.46"
 
 
 def test_rouge_and_bleu_are_recorded_on_0_100_and_shown_as_they_are():
-    recs = [finetune_record(task="xsum", metric="rouge2", score=37.5, family="summarization",
-                            experiment="sum")]
+    recs = [
+        finetune_record(task="xsum", metric="rouge2", score=37.5, family="summarization", experiment="sum")
+    ]
     table = tables.family_table(cells_of(recs), "summarization")
     assert suite_row(table, "lora_r8")["xsum (rouge2)"] == "37.50"
 
@@ -94,9 +131,11 @@ def test_one_failed_seed_marks_the_whole_cell_failed():
 
 
 def test_missing_run_shows_dash_and_blocks_the_average():
-    recs = [finetune_record(task="sst2", method="lora_r8"),
-            finetune_record(task="stsb", method="lora_r8", metric="pearson", score=0.8),
-            finetune_record(task="sst2", method="lamda_r8", method_type="lamda", score=0.88)]
+    recs = [
+        finetune_record(task="sst2", method="lora_r8"),
+        finetune_record(task="stsb", method="lora_r8", metric="pearson", score=0.8),
+        finetune_record(task="sst2", method="lamda_r8", method_type="lamda", score=0.88),
+    ]
     table = tables.family_table(cells_of(recs), "nlu")
     assert suite_row(table, "lamda_r8")["stsb (pearson)"] == tables.MISSING
     assert suite_row(table, "lamda_r8")["avg"] == tables.MISSING
@@ -104,8 +143,10 @@ def test_missing_run_shows_dash_and_blocks_the_average():
 
 
 def test_average_ignores_lower_is_better_metrics():
-    recs = [finetune_record(task="e2e", metric="bleu", score=60.0, family="generation"),
-            finetune_record(task="wiki", metric="perplexity", score=20.0, family="generation")]
+    recs = [
+        finetune_record(task="e2e", metric="bleu", score=60.0, family="generation"),
+        finetune_record(task="wiki", metric="perplexity", score=20.0, family="generation"),
+    ]
     table = tables.family_table(cells_of(recs), "generation")
     assert suite_row(table, "lora_r8")["avg"] == "60.00"
 
@@ -131,9 +172,11 @@ def test_committed_reference_gives_na_for_every_paper_cell():
 
 
 def test_methods_are_ordered_baselines_first_lamda_last():
-    recs = [finetune_record(method="lamda_r8", method_type="lamda"),
-            finetune_record(method="full_ft", method_type="full", r=None),
-            finetune_record(method="lora_r8")]
+    recs = [
+        finetune_record(method="lamda_r8", method_type="lamda"),
+        finetune_record(method="full_ft", method_type="full", r=None),
+        finetune_record(method="lora_r8"),
+    ]
     table = tables.family_table(cells_of(recs), "nlu")
     suite = table[table["row"] == tables.SUITE_ROW]
     assert list(suite["method"]) == ["full_ft", "lora_r8", "lamda_r8"]
@@ -145,14 +188,17 @@ def test_family_without_records_says_no_runs_yet():
 
 
 def test_lora_ratio_only_at_equal_rank_in_the_same_task_and_model():
-    recs = [finetune_record(method="lora_r8", updates=8000, saved=4000, state=9000),
-            finetune_record(method="lamda_r8", method_type="lamda", updates=500, saved=1000,
-                            state=3000),
-            finetune_record(method="lamda_r4", method_type="lamda", r=4, updates=100),
-            finetune_record(method="lamda_r8", method_type="lamda", model="other", updates=10)]
+    recs = [
+        finetune_record(method="lora_r8", updates=8000, saved=4000, state=9000),
+        finetune_record(method="lamda_r8", method_type="lamda", updates=500, saved=1000, state=3000),
+        finetune_record(method="lamda_r4", method_type="lamda", r=4, updates=100),
+        finetune_record(method="lamda_r8", method_type="lamda", model="other", updates=10),
+    ]
     cells = tables.lora_ratios(cells_of(recs))
-    get = lambda method, model="minilm": cells[(cells["method"] == method)
-                                               & (cells["model"] == model)].iloc[0]
+
+    def get(method, model="minilm"):
+        return cells[(cells["method"] == method) & (cells["model"] == model)].iloc[0]
+
     assert get("lamda_r8")["updates_lora_ratio"] == pytest.approx(16.0)
     assert get("lamda_r8")["saved_lora_ratio"] == pytest.approx(4.0)
     assert get("lamda_r8")["train_state_lora_ratio"] == pytest.approx(3.0)
@@ -161,9 +207,11 @@ def test_lora_ratio_only_at_equal_rank_in_the_same_task_and_model():
 
 
 def test_measurements_table_formats_and_marks_failures():
-    recs = [finetune_record(method="lora_r8", updates=8000),
-            finetune_record(method="lamda_r8", method_type="lamda", updates=500, trainable=64),
-            finetune_record(method="full_ft", method_type="full", r=None, status="failed")]
+    recs = [
+        finetune_record(method="lora_r8", updates=8000),
+        finetune_record(method="lamda_r8", method_type="lamda", updates=500, trainable=64),
+        finetune_record(method="full_ft", method_type="full", r=None, status="failed"),
+    ]
     table = tables.measurements_table(cells_of(recs)).set_index("method")
     assert table.loc["lamda_r8", "updates LoRA/this"] == "16.00x"
     assert table.loc["lamda_r8", "trainable"] == "64"
@@ -174,21 +222,23 @@ def test_measurements_table_formats_and_marks_failures():
     assert table.loc["lora_r8", "saved for backward"] == "4.00 KiB"
 
 
-@pytest.mark.parametrize("value, text", [(917504, "917.50K"), (159907840, "159.91M"),
-                                         (1.98e9, "1.98B"), (12, "12"), (math.nan, "—")])
+@pytest.mark.parametrize(
+    "value, text",
+    [(917504, "917.50K"), (159907840, "159.91M"), (1.98e9, "1.98B"), (12, "12"), (math.nan, "—")],
+)
 def test_format_count(value, text):
     assert tables.format_count(value) == text
 
 
-@pytest.mark.parametrize("value, text", [(512, "512 B"), (1536, "1.50 KiB"),
-                                         (3 * 2 ** 20, "3.00 MiB"), (2 ** 31, "2.00 GiB")])
+@pytest.mark.parametrize(
+    "value, text", [(512, "512 B"), (1536, "1.50 KiB"), (3 * 2**20, "3.00 MiB"), (2**31, "2.00 GiB")]
+)
 def test_format_bytes(value, text):
     assert tables.format_bytes(value) == text
 
 
 def test_latex_is_booktabs_and_escaped():
-    table = pd.DataFrame({"method": ["lora_r8"], "sst2 (accuracy)": ["91.00 ± 1.41"],
-                          "avg": ["—"]})
+    table = pd.DataFrame({"method": ["lora_r8"], "sst2 (accuracy)": ["91.00 ± 1.41"], "avg": ["—"]})
     tex = tables.to_latex(table, caption="NLU 100%", label="tab:nlu")
     for part in ("\\toprule", "\\midrule", "\\bottomrule", "lora\\_r8", "$\\pm$", "NLU 100\\%"):
         assert part in tex
@@ -226,8 +276,20 @@ def test_scale_from_spec_or_paper_model_ids():
 
 
 def test_reference_parse_rejects_value_without_source():
-    data = {"schema_version": 1, "papers": {}, "claims": [],
-            "table_rows": [{"family": "nlu", "task": "sst2", "model": "m", "method": "lora",
-                            "metric": "accuracy", "value": 95.0}]}
+    data = {
+        "schema_version": 1,
+        "papers": {},
+        "claims": [],
+        "table_rows": [
+            {
+                "family": "nlu",
+                "task": "sst2",
+                "model": "m",
+                "method": "lora",
+                "metric": "accuracy",
+                "value": 95.0,
+            }
+        ],
+    }
     with pytest.raises(ValueError, match="source"):
         parse_reference(data)

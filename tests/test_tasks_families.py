@@ -1,5 +1,6 @@
 """Summarization, generation and reasoning tasks: loaders on local files of the Hub schemas,
 preprocessing, evaluation paths on tiny models, and the smoke generators."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,16 @@ import torch
 from lamda_repro.tasks import metrics
 from lamda_repro.tasks.base import TaskConfigError, get_task_class, task_types
 from lamda_repro.tasks.generation import (
-    CausalLMCollator, e2e_references_by_mr, encode_prompt_target, generation_kwargs, token_blocks,
+    CausalLMCollator,
+    e2e_references_by_mr,
+    encode_prompt_target,
+    generation_kwargs,
+    token_blocks,
 )
 from lamda_repro.tasks.smoke import generate
 
-
 # -- helpers -----------------------------------------------------------------------------
+
 
 def write_split_files(tmp_path, splits: dict[str, list[dict]], fmt: str = "jsonl") -> dict[str, str]:
     files = {}
@@ -41,8 +46,16 @@ def tiny_gpt2(vocab_size: int, initializer_range: float = 0.02):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2,
-                                      n_head=2, initializer_range=initializer_range)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            initializer_range=initializer_range,
+        )
+    ).eval()
 
 
 def texts_of(rows):
@@ -54,44 +67,72 @@ def texts_of(rows):
                 yield from v
 
 
-XSUM_ROWS = [{"document": f"doc {i} says the cat sat .", "summary": f"cat {i} sat .", "id": str(i)}
-             for i in range(6)]
-CNNDM_ROWS = [{"article": f"article {i} text .", "highlights": f"line {i} .\nsecond .", "id": f"h{i}"}
-              for i in range(6)]
+XSUM_ROWS = [
+    {"document": f"doc {i} says the cat sat .", "summary": f"cat {i} sat .", "id": str(i)} for i in range(6)
+]
+CNNDM_ROWS = [
+    {"article": f"article {i} text .", "highlights": f"line {i} .\nsecond .", "id": f"h{i}"} for i in range(6)
+]
 E2E_ROWS = [
-    {"meaning_representation": "name[the eagle], food[french]", "human_reference": "the eagle serves french food ."},
-    {"meaning_representation": "name[the eagle], food[french]", "human_reference": "french food at the eagle ."},
+    {
+        "meaning_representation": "name[the eagle], food[french]",
+        "human_reference": "the eagle serves french food .",
+    },
+    {
+        "meaning_representation": "name[the eagle], food[french]",
+        "human_reference": "french food at the eagle .",
+    },
     {"meaning_representation": "name[zizzi], food[indian]", "human_reference": "zizzi is indian ."},
 ]
 GEM_E2E_ROWS = [
-    {"gem_id": "e2e_nlg-validation-0", "meaning_representation": "name[the eagle], food[french]",
-     "target": "the eagle serves french food .",
-     "references": ["the eagle serves french food .", "french food at the eagle ."]},
-    {"gem_id": "e2e_nlg-validation-1", "meaning_representation": "name[zizzi], food[indian]",
-     "target": "zizzi is indian .", "references": []},
+    {
+        "gem_id": "e2e_nlg-validation-0",
+        "meaning_representation": "name[the eagle], food[french]",
+        "target": "the eagle serves french food .",
+        "references": ["the eagle serves french food .", "french food at the eagle ."],
+    },
+    {
+        "gem_id": "e2e_nlg-validation-1",
+        "meaning_representation": "name[zizzi], food[indian]",
+        "target": "zizzi is indian .",
+        "references": [],
+    },
 ]
 WIKI_ROWS = [{"text": " = the otter = "}, {"text": ""}, {"text": " the otter eats fish . "}, {"text": ""}]
-GSM_ROWS = [{"question": f"tom has {i} apples . how many apples ?", "answer": f"tom has {i} .\n#### {i}"}
-            for i in range(5)]
+GSM_ROWS = [
+    {"question": f"tom has {i} apples . how many apples ?", "answer": f"tom has {i} .\n#### {i}"}
+    for i in range(5)
+]
 
 
 # -- registry and loaders ----------------------------------------------------------------
 
+
 def test_task_types_are_registered_with_their_kinds():
-    kinds = {t: get_task_class(t).task_kind for t in ("xsum", "cnn_dailymail", "e2e_nlg", "wikitext", "gsm8k")}
-    assert kinds == {"xsum": "seq2seq", "cnn_dailymail": "seq2seq", "e2e_nlg": "causal-lm",
-                     "wikitext": "causal-lm", "gsm8k": "causal-lm"}
+    kinds = {
+        t: get_task_class(t).task_kind for t in ("xsum", "cnn_dailymail", "e2e_nlg", "wikitext", "gsm8k")
+    }
+    assert kinds == {
+        "xsum": "seq2seq",
+        "cnn_dailymail": "seq2seq",
+        "e2e_nlg": "causal-lm",
+        "wikitext": "causal-lm",
+        "gsm8k": "causal-lm",
+    }
     assert {"xsum", "gsm8k"} <= set(task_types())
 
 
-@pytest.mark.parametrize("type_name, rows, fmt", [
-    ("xsum", XSUM_ROWS, "jsonl"),
-    ("cnn_dailymail", CNNDM_ROWS, "parquet"),
-    ("e2e_nlg", E2E_ROWS, "jsonl"),
-    ("e2e_nlg", GEM_E2E_ROWS, "parquet"),
-    ("wikitext", WIKI_ROWS, "parquet"),
-    ("gsm8k", GSM_ROWS, "jsonl"),
-])
+@pytest.mark.parametrize(
+    "type_name, rows, fmt",
+    [
+        ("xsum", XSUM_ROWS, "jsonl"),
+        ("cnn_dailymail", CNNDM_ROWS, "parquet"),
+        ("e2e_nlg", E2E_ROWS, "jsonl"),
+        ("e2e_nlg", GEM_E2E_ROWS, "parquet"),
+        ("wikitext", WIKI_ROWS, "parquet"),
+        ("gsm8k", GSM_ROWS, "jsonl"),
+    ],
+)
 def test_loader_reads_local_files_of_the_hub_schema(tmp_path, type_name, rows, fmt):
     eval_split = "test" if type_name in ("gsm8k", "wikitext") else "validation"
     files = write_split_files(tmp_path, {"train": rows, eval_split: rows[:2]}, fmt)
@@ -103,7 +144,10 @@ def test_loader_reads_local_files_of_the_hub_schema(tmp_path, type_name, rows, f
 
 
 def test_loader_refuses_data_without_the_schema_columns(tmp_path):
-    files = write_split_files(tmp_path, {"train": GSM_ROWS, "validation": GSM_ROWS},)
+    files = write_split_files(
+        tmp_path,
+        {"train": GSM_ROWS, "validation": GSM_ROWS},
+    )
     with pytest.raises(TaskConfigError, match="summary"):
         get_task_class("xsum")("t", {}, files).load_splits()
 
@@ -129,10 +173,14 @@ def test_unknown_generation_setting_is_refused():
     with pytest.raises(TaskConfigError, match="generation.beams"):
         generation_kwargs({"beams": 4}, {})
     assert generation_kwargs({"num_beams": 4}, {"max_new_tokens": 8}) == {
-        "do_sample": False, "max_new_tokens": 8, "num_beams": 4}
+        "do_sample": False,
+        "max_new_tokens": 8,
+        "num_beams": 4,
+    }
 
 
 # -- preprocessing -----------------------------------------------------------------------
+
 
 def test_causal_lm_labels_mask_the_prompt_and_end_with_eos():
     tok = word_tokenizer(["what is two plus two ? four"])
@@ -148,8 +196,12 @@ def test_causal_lm_labels_mask_the_prompt_and_end_with_eos():
 
 def test_collator_pads_right_with_minus_100_labels():
     collate = CausalLMCollator(pad_id=0)
-    batch = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-                     {"input_ids": [8], "attention_mask": [1], "labels": [8]}])
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "attention_mask": [1], "labels": [8]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -161,7 +213,7 @@ def test_gsm8k_tokenize_trains_on_the_solution_only(tmp_path):
     raw = task.load_splits()
     tok = word_tokenizer(list(texts_of(GSM_ROWS)) + ["answer :"])
     row = task.tokenize(raw["train"], tok, 64)[1]
-    target = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+    target = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
     assert tok.decode(target, skip_special_tokens=True) == "tom has 1 . #### 1"
 
 
@@ -190,6 +242,7 @@ def test_e2e_groups_references_by_mr_in_both_schemas():
 
 
 # -- evaluation paths on tiny (untrained) models ----------------------------------------
+
 
 def test_wikitext_perplexity_equals_exp_of_the_mean_token_loss(tmp_path):
     files = write_split_files(tmp_path, {"train": WIKI_ROWS, "validation": WIKI_ROWS})
@@ -236,14 +289,27 @@ def test_summarization_evaluate_generates_and_scores(tmp_path):
     raw = task.load_splits()
     tok = word_tokenizer(texts_of(XSUM_ROWS), "bart")
     torch.manual_seed(0)
-    model = BartForConditionalGeneration(BartConfig(
-        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.bos_token_id)).eval()
+    model = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=len(tok),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.bos_token_id,
+        )
+    ).eval()
     enc = task.tokenize(raw["eval"], tok, 32)
-    out = task.evaluate(model, tok, raw["eval"], enc, 2,
-                        {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 4})
+    out = task.evaluate(
+        model, tok, raw["eval"], enc, 2, {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 4}
+    )
     assert set(metrics.ROUGE_TYPES) <= set(out) and 0 <= out["gen_len"] <= 4
 
 
@@ -270,7 +336,13 @@ def test_generator_schema_options():
     cnn = generate("summary_pairs", 4, 2, options={"schema": "cnn_dailymail"})
     assert set(cnn["train"][0]) == {"article", "highlights", "id"} and "\n" in cnn["train"][0]["highlights"]
     gem = generate("e2e_records", 6, 3, options={"schema": "gem"})
-    assert set(gem["train"][0]) == {"gem_id", "gem_parent_id", "meaning_representation", "target", "references"}
+    assert set(gem["train"][0]) == {
+        "gem_id",
+        "gem_parent_id",
+        "meaning_representation",
+        "target",
+        "references",
+    }
     with pytest.raises(ValueError, match="schema"):
         generate("e2e_records", 6, 3, options={"schema": "csv"})
     with pytest.raises(ValueError, match="n_train"):

@@ -1,23 +1,39 @@
 """One run end to end on a tiny model: the record, determinism and failures."""
+
 from __future__ import annotations
 
 import json
 
-import pytest
+from conftest import tiny_bert_entry
 
 from lamda_repro.config import TRAINING_DEFAULTS, RunSpec
 from lamda_repro.train import run_finetune
 
-from conftest import tiny_bert_entry
-
 
 def tiny_spec(method: dict, task_subset="sst2", data="sentiment", **training) -> RunSpec:
-    tr = {**TRAINING_DEFAULTS, "epochs": 1, "batch_size": 16, "eval_batch_size": 32,
-          "lr": 1e-3, "max_length": 32, "logging_steps": 2, **training}
-    return RunSpec(experiment="t", family="nlu", task=f"smoke_{task_subset}",
-                   task_params={"type": "glue", "subset": task_subset, "data": data},
-                   model="tiny-bert", model_params=tiny_bert_entry(), method=method["type"],
-                   method_type=method["type"], method_params=method, seed=0, training=tr)
+    tr = {
+        **TRAINING_DEFAULTS,
+        "epochs": 1,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "lr": 1e-3,
+        "max_length": 32,
+        "logging_steps": 2,
+        **training,
+    }
+    return RunSpec(
+        experiment="t",
+        family="nlu",
+        task=f"smoke_{task_subset}",
+        task_params={"type": "glue", "subset": task_subset, "data": data},
+        model="tiny-bert",
+        model_params=tiny_bert_entry(),
+        method=method["type"],
+        method_type=method["type"],
+        method_params=method,
+        seed=0,
+        training=tr,
+    )
 
 
 LORA = {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
@@ -41,8 +57,12 @@ def test_run_writes_a_complete_success_record(smoke_workdir, tmp_path):
     assert mem["peak_kind"] == "cpu_rss" and mem["peak_bytes"] > 0
     assert mem["grad_bytes"] == 4 * p["trainable"]
     assert mem["saved_for_backward_bytes"] > 0
-    assert mem["train_state_bytes"] == (mem["param_bytes"] + mem["grad_bytes"]
-                                        + mem["optimizer_state_bytes"] + mem["saved_for_backward_bytes"])
+    assert mem["train_state_bytes"] == (
+        mem["param_bytes"]
+        + mem["grad_bytes"]
+        + mem["optimizer_state_bytes"]
+        + mem["saved_for_backward_bytes"]
+    )
     assert on_disk["throughput"]["train_tokens"] > 0
     assert on_disk["env"]["versions"]["torch"]
     assert on_disk["wall_time_s"] > 0
@@ -78,8 +98,17 @@ def test_cli_run_exits_zero_on_failure_unless_strict(tmp_path, capsys):
     from lamda_repro.cli import main
 
     spec = json.dumps(tiny_spec(LORA).to_dict())
-    args = ["run", "--spec", spec, "--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path),
-            "--device", "cpu"]
+    args = [
+        "run",
+        "--spec",
+        spec,
+        "--out",
+        str(tmp_path / "r.json"),
+        "--workdir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert "FAILED" in capsys.readouterr().err
     assert main(args + ["--strict"]) == 1

@@ -4,6 +4,7 @@ Runs the default config (the smoke reproduction) in a copy of the workflow, then
 outputs, the HTML report, that a re-run does nothing, that deleting one record reruns only that
 run and the aggregation, and that malformed configs stop Snakemake before any job runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,7 +115,7 @@ def test_malformed_config_stops_snakemake_before_any_job(smoke_run, tmp_path, pa
     before = {p: p.stat().st_mtime_ns for p in (smoke_run / "results").rglob("*") if p.is_file()}
     proc = snakemake(smoke_run, "--cores", "2", "--configfile", str(bad), "--forceall")
     assert proc.returncode != 0
-    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("config error:")]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("config error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (smoke_run / "results").rglob("*") if p.is_file()}
     assert after == before  # nothing written, nothing removed

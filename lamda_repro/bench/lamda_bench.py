@@ -7,6 +7,7 @@ optimizer state / activations saved for backward, peak memory and step time. Eve
 quantity is split into outside the decoder layers, layer 0 and the later layers, so it
 extrapolates exactly to 32 layers (later layers are all alike at fixed batch and sequence length).
 """
+
 from __future__ import annotations
 
 import gc
@@ -28,10 +29,16 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 METHODS = ("full", "lora", "lora_fa", "lamda", "lamdapp")
 # Claims from the abstract of Azizi et al. (EMNLP 2024 Findings, arXiv 2406.12832).
 PAPER_CLAIMS = {
-    "parameter_updates_reduction": {"value": 17.7, "text": "up to 17.7x fewer parameter updates",
-                                    "source": "LaMDA paper, abstract"},
-    "peak_memory_reduction": {"value": 1.32, "text": "up to 1.32x lower peak GPU memory usage",
-                              "source": "LaMDA paper, abstract"},
+    "parameter_updates_reduction": {
+        "value": 17.7,
+        "text": "up to 17.7x fewer parameter updates",
+        "source": "LaMDA paper, abstract",
+    },
+    "peak_memory_reduction": {
+        "value": 1.32,
+        "text": "up to 1.32x lower peak GPU memory usage",
+        "source": "LaMDA paper, abstract",
+    },
 }
 
 
@@ -65,8 +72,19 @@ class BenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("layers", "batch", "seq", "rank", "hidden", "intermediate", "heads", "vocab", "full_layers",
-                     "steps", "run_steps"):
+        for name in (
+            "layers",
+            "batch",
+            "seq",
+            "rank",
+            "hidden",
+            "intermediate",
+            "heads",
+            "vocab",
+            "full_layers",
+            "steps",
+            "run_steps",
+        ):
             if int(getattr(self, name)) < 1:
                 raise BenchConfigError(f"bench option {name} must be >= 1, got {getattr(self, name)!r}")
         if self.warmup < 0:
@@ -94,10 +112,15 @@ def build_llama(settings: BenchSettings, device: torch.device) -> nn.Module:
     """A LlamaForCausalLM with 7B layer shapes, ``settings.layers`` decoder layers, random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=settings.hidden, intermediate_size=settings.intermediate,
-                         num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
-                         num_key_value_heads=settings.heads, vocab_size=settings.vocab,
-                         max_position_embeddings=max(4096, settings.seq))
+    config = LlamaConfig(
+        hidden_size=settings.hidden,
+        intermediate_size=settings.intermediate,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.heads,
+        vocab_size=settings.vocab,
+        max_position_embeddings=max(4096, settings.seq),
+    )
     torch.manual_seed(settings.seed)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -123,8 +146,9 @@ def _empty() -> dict[str, int]:
     return {part: 0 for part in PARTS}
 
 
-def _split_params(model: nn.Module, select: Callable[[nn.Parameter], bool],
-                  size: Callable[[nn.Parameter], int]) -> dict[str, int]:
+def _split_params(
+    model: nn.Module, select: Callable[[nn.Parameter], bool], size: Callable[[nn.Parameter], int]
+) -> dict[str, int]:
     out = _empty()
     seen = set()
     for name, p in model.named_parameters():
@@ -151,11 +175,14 @@ def _optimizer_state_split(model: nn.Module, optimizer: torch.optim.Optimizer) -
 def _updated_split(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Elements the optimizer step updates: trainable parameters in the optimizer with a gradient."""
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return _split_params(model, lambda p: id(p) in in_optimizer and p.requires_grad and p.grad is not None,
-                         lambda p: p.numel())
+    return _split_params(
+        model, lambda p: id(p) in in_optimizer and p.requires_grad and p.grad is not None, lambda p: p.numel()
+    )
 
 
-def saved_activation_split(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def saved_activation_split(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, dict]:
     """Bytes of distinct non-parameter storages saved for backward, split like the parameters.
 
     A storage counts once, in the part where it is first saved.
@@ -163,8 +190,12 @@ def saved_activation_split(model: nn.Module, loss_fn: Callable[[], torch.Tensor]
     excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, tuple[str, int]] = {}
     scope = ["outside"]
-    layers = [m for n, mlist in model.named_modules() if n.endswith("layers") and isinstance(mlist, nn.ModuleList)
-              for m in mlist]
+    layers = [
+        m
+        for n, mlist in model.named_modules()
+        if n.endswith("layers") and isinstance(mlist, nn.ModuleList)
+        for m in mlist
+    ]
 
     def enter(module, *_):
         scope.append("layer0" if module is layers[0] else "later_layers")
@@ -204,6 +235,7 @@ def _sync(device: torch.device) -> None:
 
 # -- methods --------------------------------------------------------------------------------
 
+
 def _apply_method(kind: str, model: nn.Module, settings: BenchSettings):
     """(model, optimizer, info) for a method; LaMDA rows start with B fully trainable."""
     from peft import LoraConfig, get_peft_model
@@ -214,16 +246,26 @@ def _apply_method(kind: str, model: nn.Module, settings: BenchSettings):
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         return model, optimizer, info
     if kind in ("lora", "lora_fa"):
-        model = get_peft_model(model, LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets,
-                                                 lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets, lora_dropout=0.0),
+        )
         if kind == "lora_fa":
             from peft.optimizers import create_lorafa_optimizer
 
-            optimizer = create_lorafa_optimizer(model, r=settings.rank, lora_alpha=settings.alpha, lr=settings.lr,
-                                                weight_decay=settings.weight_decay)
+            optimizer = create_lorafa_optimizer(
+                model,
+                r=settings.rank,
+                lora_alpha=settings.alpha,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+            )
         else:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                          weight_decay=settings.weight_decay)
+            optimizer = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad],
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+            )
         return model, optimizer, info
     from lamda_repro.methods.lamda import LamdaConfig, allocate_ranks, weight_spectra
 
@@ -235,12 +277,19 @@ def _apply_method(kind: str, model: nn.Module, settings: BenchSettings):
         info["spectra_seconds"] = round(time.perf_counter() - t0, 2)
         info["rank_allocation"] = ranks
         rank_pattern = {re.escape(n): r for n, r in ranks.items()}
-    config = LamdaConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets, init="svd_lowrank",
-                         freeze_fraction=settings.freeze_fraction, total_steps=settings.run_steps,
-                         rank_pattern=rank_pattern)
+    config = LamdaConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        target_modules=targets,
+        init="svd_lowrank",
+        freeze_fraction=settings.freeze_fraction,
+        total_steps=settings.run_steps,
+        rank_pattern=rank_pattern,
+    )
     model = get_peft_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
+    )
     return model, optimizer, info
 
 
@@ -264,14 +313,21 @@ def lamda_run_updates(model: nn.Module, run_steps: int, freeze_fraction: float) 
         for adapter in module.lamda_S:
             r, d_out = module.r[adapter], module.out_features
             # frozen_count_at_step is a step function; sum it over all steps exactly.
-            total = sum(r * r + d_out * (r - frozen_count_at_step(s, r, freeze_fraction, run_steps))
-                        for s in range(run_steps))
+            total = sum(
+                r * r + d_out * (r - frozen_count_at_step(s, r, freeze_fraction, run_steps))
+                for s in range(run_steps)
+            )
             out[_part(name + ".")] += total
     return out
 
 
-def _measure(model: nn.Module, optimizer: torch.optim.Optimizer, settings: BenchSettings,
-             device: torch.device, inputs: torch.Tensor) -> dict[str, Any]:
+def _measure(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: BenchSettings,
+    device: torch.device,
+    inputs: torch.Tensor,
+) -> dict[str, Any]:
     model.train()
 
     def step(record: Optional[dict] = None) -> None:
@@ -311,8 +367,14 @@ def _measure(model: nn.Module, optimizer: torch.optim.Optimizer, settings: Bench
     }
 
 
-SPLIT_KEYS = ("trainable", "updates_per_step", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-              "saved_activation_bytes")
+SPLIT_KEYS = (
+    "trainable",
+    "updates_per_step",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "saved_activation_bytes",
+)
 
 
 def _totals(row: dict[str, Any], layers: int, target_layers: int) -> dict[str, Any]:
@@ -329,8 +391,9 @@ def _totals(row: dict[str, Any], layers: int, target_layers: int) -> dict[str, A
             per_layer = split["later_layers"] / (layers - 1)
             extrapolated[key] = round(split["outside"] + split["layer0"] + per_layer * (target_layers - 1))
     for out in (measured, extrapolated):
-        out["modelled_peak_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes",
-                                                          "saved_activation_bytes"))
+        out["modelled_peak_bytes"] = sum(
+            out[k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
+        )
     return {"measured": measured, "extrapolated": extrapolated}
 
 
@@ -351,8 +414,10 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         if kind in ("lamda", "lamdapp"):
             if kind == "lamda":
                 row = _measure(model, optimizer, settings, device, inputs)
-                row.update(info=dict(info, state="B trainable (before any component is frozen)"),
-                           setup_seconds=round(setup, 2))
+                row.update(
+                    info=dict(info, state="B trainable (before any component is frozen)"),
+                    setup_seconds=round(setup, 2),
+                )
                 rows["lamda_b_trainable"] = row
                 log(f"measured lamda_b_trainable: step {row['step_seconds']:.2f}s")
             run_updates = lamda_run_updates(model, settings.run_steps, settings.freeze_fraction)
@@ -379,8 +444,13 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     return {
         "benchmark": "lamda_memory_updates",
         "settings": {**asdict(settings), "methods": list(settings.methods)},
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "device": {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
         "versions": _versions(),
         "rows": rows,
         "ratios_vs_lora": _ratios(rows),
@@ -392,8 +462,12 @@ def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -405,12 +479,20 @@ def _ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ratios = {}
         for depth in ("measured", "extrapolated"):
             base, mine = rows["lora"]["totals"][depth], row["totals"][depth]
-            for key in ("trainable", "updates_per_step", "run_updates", "optimizer_state_bytes",
-                        "saved_activation_bytes", "modelled_peak_bytes"):
+            for key in (
+                "trainable",
+                "updates_per_step",
+                "run_updates",
+                "optimizer_state_bytes",
+                "saved_activation_bytes",
+                "modelled_peak_bytes",
+            ):
                 if key in base and key in mine and mine[key]:
                     ratios[f"{depth}.{key}"] = round(base[key] / mine[key], 3)
         if rows["lora"]["peak"].get("peak_bytes") and row["peak"].get("peak_bytes"):
-            ratios["measured.peak_bytes"] = round(rows["lora"]["peak"]["peak_bytes"] / row["peak"]["peak_bytes"], 3)
+            ratios["measured.peak_bytes"] = round(
+                rows["lora"]["peak"]["peak_bytes"] / row["peak"]["peak_bytes"], 3
+            )
         ratios["measured.step_seconds"] = round(rows["lora"]["step_seconds"] / row["step_seconds"], 3)
         out[name] = ratios
     return out
@@ -429,37 +511,47 @@ def to_markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
     rows, ratios = record["rows"], record["ratios_vs_lora"]
     seven_b = (s["hidden"], s["intermediate"], s["heads"]) == (4096, 11008, 32)
-    geometry = "LLaMA-2-7B geometry" if seven_b else \
-        f"LLaMA geometry (hidden {s['hidden']}, MLP {s['intermediate']}, {s['heads']} heads)"
+    geometry = (
+        "LLaMA-2-7B geometry"
+        if seven_b
+        else f"LLaMA geometry (hidden {s['hidden']}, MLP {s['intermediate']}, {s['heads']} heads)"
+    )
     lines = [
         f"# LaMDA benchmark: {geometry}, {s['layers']} decoder layers, batch {s['batch']} x seq {s['seq']}",
         "",
-        f"Device: {record['device']['type']} ({record['device']['name']}, {record['device']['threads']} threads); "
-        f"rank {s['rank']}, alpha {s['alpha']}, targets q,k,v,o,gate,up,down; fp32; AdamW; step time = median of "
-        f"{s['steps']} steps after {s['warmup']} warm-up step(s). Random weights (LaMDA init: randomized SVD).",
+        f"Device: {record['device']['type']} ({record['device']['name']}, "
+        f"{record['device']['threads']} threads); rank {s['rank']}, alpha {s['alpha']}, "
+        "targets q,k,v,o,gate,up,down; fp32; AdamW; "
+        f"step time = median of {s['steps']} steps after {s['warmup']} warm-up step(s). "
+        "Random weights (LaMDA init: randomized SVD).",
         "",
         f"## Measured ({s['layers']} layers)",
         "",
-        "| method | trainable | updates/step | params MiB | grads MiB | optimizer MiB | saved activations MiB | "
-        "peak MiB | step s |",
+        "| method | trainable | updates/step | params MiB | grads MiB | optimizer MiB | "
+        "saved activations MiB | peak MiB | step s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         m = row["totals"]["measured"]
-        lines.append(f"| {name} | {m['trainable']:,} | {m['updates_per_step']:,} | {_mb(m['param_bytes'])} | "
-                     f"{_mb(m['grad_bytes'])} | {_mb(m['optimizer_state_bytes'])} | "
-                     f"{_mb(m['saved_activation_bytes'])} | {_mb(row['peak'].get('peak_bytes'))} | "
-                     f"{row['step_seconds']:.3f} |")
+        lines.append(
+            f"| {name} | {m['trainable']:,} | {m['updates_per_step']:,} | {_mb(m['param_bytes'])} | "
+            f"{_mb(m['grad_bytes'])} | {_mb(m['optimizer_state_bytes'])} | "
+            f"{_mb(m['saved_activation_bytes'])} | {_mb(row['peak'].get('peak_bytes'))} | "
+            f"{row['step_seconds']:.3f} |"
+        )
     peak_kind = next(iter(rows.values()))["peak"].get("peak_kind", "")
-    peak_note = ("process resident-set high-water mark, includes all weights and the interpreter"
-                 if peak_kind == "cpu_rss" else "max allocated minus the allocation at start")
+    peak_note = (
+        "process resident-set high-water mark, includes all weights and the interpreter"
+        if peak_kind == "cpu_rss"
+        else "max allocated minus the allocation at start"
+    )
     lines += ["", f"Peak = {peak_kind} ({peak_note}).", ""]
     lines += [
         f"## Extrapolated to {s['full_layers']} layers, ratios LoRA / method (> 1: method needs less)",
         "",
-        f"Run-integrated updates: sum over T = {s['run_steps']} optimizer steps of the elements updated, with "
-        f"B frozen column by column over the first {s['freeze_fraction']} of T. Modelled peak = parameters + "
-        "gradients + optimizer state + saved activations.",
+        f"Run-integrated updates: sum over T = {s['run_steps']} optimizer steps of the elements updated, "
+        f"with B frozen column by column over the first {s['freeze_fraction']} of T. "
+        "Modelled peak = parameters + gradients + optimizer state + saved activations.",
         "",
         "| method | trainable | updates/step | run updates | modelled peak GiB | ratio updates/step | "
         "ratio run updates | ratio modelled peak | ratio saved activations |",
@@ -467,15 +559,24 @@ def to_markdown(record: dict[str, Any]) -> str:
     ]
     for name, row in rows.items():
         e, r = row["totals"]["extrapolated"], ratios.get(name, {})
-        lines.append(f"| {name} | {e['trainable']:,} | {e['updates_per_step']:,} | {_count(e.get('run_updates'))} | "
-                     f"{e['modelled_peak_bytes'] / 2**30:,.2f} | {r.get('extrapolated.updates_per_step', 'n/a')} | "
-                     f"{r.get('extrapolated.run_updates', 'n/a')} | {r.get('extrapolated.modelled_peak_bytes', 'n/a')} "
-                     f"| {r.get('extrapolated.saved_activation_bytes', 'n/a')} |")
+        lines.append(
+            f"| {name} | {e['trainable']:,} | {e['updates_per_step']:,} | {_count(e.get('run_updates'))} | "
+            f"{e['modelled_peak_bytes'] / 2**30:,.2f} | {r.get('extrapolated.updates_per_step', 'n/a')} | "
+            f"{r.get('extrapolated.run_updates', 'n/a')} | "
+            f"{r.get('extrapolated.modelled_peak_bytes', 'n/a')} | "
+            f"{r.get('extrapolated.saved_activation_bytes', 'n/a')} |"
+        )
     claims = record["paper_claims"]
-    lines += ["", "Paper claims (" + claims["parameter_updates_reduction"]["source"] + "): "
-              + "; ".join(f"\"{c['text']}\"" for c in claims.values())
-              + ". The paper's exact definitions, models and batch settings are not known here; the rows above "
-                "are this benchmark's definitions.", ""]
+    lines += [
+        "",
+        "Paper claims ("
+        + claims["parameter_updates_reduction"]["source"]
+        + "): "
+        + "; ".join(f'"{c["text"]}"' for c in claims.values())
+        + ". The paper's exact definitions, models and batch settings are not known here; the rows above "
+        "are this benchmark's definitions.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -485,7 +586,9 @@ def write_outputs(record: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = (stem.with_suffix(".json"), stem.with_suffix(".md"))
-    for path, text in zip(paths, (json.dumps(record, indent=2, default=_json_default) + "\n", to_markdown(record))):
+    for path, text in zip(
+        paths, (json.dumps(record, indent=2, default=_json_default) + "\n", to_markdown(record)), strict=True
+    ):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)

@@ -6,6 +6,7 @@ what the run record needs (``record_info``, ``updated_elements``). Methods are r
 type name; a config entry ``{type: lora, r: 8, ...}`` is validated by the method class
 before any job runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,8 +66,9 @@ class Method:
         """transformers.TrainerCallback instances to add to the trainer."""
         return []
 
-    def create_optimizer(self, model: nn.Module, lr: float, weight_decay: float,
-                         ctx: MethodContext) -> torch.optim.Optimizer | None:
+    def create_optimizer(
+        self, model: nn.Module, lr: float, weight_decay: float, ctx: MethodContext
+    ) -> torch.optim.Optimizer | None:
         """Return a custom optimizer, or None for the trainer's default AdamW."""
         return None
 

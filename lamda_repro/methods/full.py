@@ -1,4 +1,5 @@
 """Full fine-tuning: every parameter of the model trains."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,5 @@
 """LoRA-family baselines through peft, behind the suite's method interface."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,11 @@ LORA_FAMILY_SCHEMA: dict[str, Any] = {
         ],
         "description": "module name suffixes to adapt, or 'all-linear'",
     },
-    "rank_pattern": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1},
-                     "description": "module-name pattern -> rank (overrides r)"},
+    "rank_pattern": {
+        "type": "object",
+        "additionalProperties": {"type": "integer", "minimum": 1},
+        "description": "module-name pattern -> rank (overrides r)",
+    },
     "alpha_pattern": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
     "modules_to_save": {"type": "array", "items": {"type": "string"}},
 }
@@ -67,6 +71,7 @@ class LoraMethod(Method):
 
 # -- further LoRA-family baselines -------------------------------------------------------------
 
+
 def _without(schema: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in schema.items() if k not in keys}
 
@@ -94,8 +99,9 @@ class LoraFAMethod(LoraMethod):
         from peft.optimizers import create_lorafa_optimizer
 
         r = self.params["r"]
-        return create_lorafa_optimizer(model, r=r, lora_alpha=self.params.get("alpha", 2 * r),
-                                       lr=lr, weight_decay=weight_decay)
+        return create_lorafa_optimizer(
+            model, r=r, lora_alpha=self.params.get("alpha", 2 * r), lr=lr, weight_decay=weight_decay
+        )
 
     def record_info(self, model: nn.Module) -> dict[str, Any]:
         return {"lora_A_frozen": True}
@@ -115,8 +121,11 @@ class PissaMethod(LoraMethod):
     type_name = "pissa"
     params_schema = {
         **LORA_FAMILY_SCHEMA,
-        "niter": {"type": "integer", "minimum": 1,
-                  "description": "fast randomized SVD with this many subspace iterations (pissa_niter_n)"},
+        "niter": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "fast randomized SVD with this many subspace iterations (pissa_niter_n)",
+        },
     }
 
     def peft_config(self, ctx: MethodContext):
@@ -163,8 +172,11 @@ class PissaMethod(LoraMethod):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import load_file, save_file
 
-        extra = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()
-                 if ".lora_" not in k}
+        extra = {
+            k: v.detach().contiguous()
+            for k, v in get_peft_model_state_dict(model).items()
+            if ".lora_" not in k
+        }
         if not extra:
             return
         path = Path(out_dir) / "adapter_model.safetensors"
@@ -205,8 +217,12 @@ class AdaLoraMethod(Method):
         "init_r": {"type": "integer", "minimum": 1, "description": "initial rank per layer (default 1.5 r)"},
         "tinit": {"type": "integer", "minimum": 0},
         "tfinal": {"type": "integer", "minimum": 0},
-        "tinit_fraction": {"type": "number", "minimum": 0, "maximum": 1,
-                           "description": "tinit as a fraction of the run's steps (if tinit is unset)"},
+        "tinit_fraction": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "tinit as a fraction of the run's steps (if tinit is unset)",
+        },
         "tfinal_fraction": {"type": "number", "minimum": 0, "maximum": 1},
         "delta_t": {"type": "integer", "minimum": 1, "description": "steps between budget allocations"},
         "beta1": {"type": "number", "minimum": 0, "maximum": 1},
@@ -222,7 +238,8 @@ class AdaLoraMethod(Method):
         if tinit >= total_steps - tfinal:
             raise MethodConfigError(
                 f"adalora: tinit ({tinit}) must be < total steps ({total_steps}) - tfinal ({tfinal}); "
-                "lower tinit/tfinal or train longer")
+                "lower tinit/tfinal or train longer"
+            )
         return tinit, tfinal
 
     def peft_config(self, ctx: MethodContext):
@@ -231,17 +248,26 @@ class AdaLoraMethod(Method):
         from peft import AdaLoraConfig
 
         if ctx.total_steps <= 0:
-            raise MethodConfigError("adalora needs the run's total optimizer steps (MethodContext.total_steps)")
+            raise MethodConfigError(
+                "adalora needs the run's total optimizer steps (MethodContext.total_steps)"
+            )
         r = self.params["r"]
         tinit, tfinal = self.schedule(ctx.total_steps)
         kw = lora_config_kwargs({k: v for k, v in self.params.items() if k != "r"}, ctx)
         kw.pop("r")
         kw["lora_alpha"] = self.params.get("alpha", 2 * r)
         return AdaLoraConfig(
-            **kw, target_r=r, init_r=self.params.get("init_r", math.ceil(1.5 * r)),
-            tinit=tinit, tfinal=tfinal, deltaT=self.params.get("delta_t", 1),
-            beta1=self.params.get("beta1", 0.85), beta2=self.params.get("beta2", 0.85),
-            orth_reg_weight=self.params.get("orth_reg_weight", 0.5), total_step=ctx.total_steps)
+            **kw,
+            target_r=r,
+            init_r=self.params.get("init_r", math.ceil(1.5 * r)),
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=self.params.get("delta_t", 1),
+            beta1=self.params.get("beta1", 0.85),
+            beta2=self.params.get("beta2", 0.85),
+            orth_reg_weight=self.params.get("orth_reg_weight", 0.5),
+            total_step=ctx.total_steps,
+        )
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
@@ -270,8 +296,7 @@ def adalora_ranks(model: nn.Module, adapter: str = "default") -> dict[str, int]:
         module = name.split(".lora_E.")[0]
         short = module.removeprefix("base_model.model.")
         mask = pattern.get(f"{short}.lora_E.{adapter}", pattern.get(f"{short}.lora_E"))
-        out[short] = (
-            int(sum(bool(x) for x in mask)) if mask is not None else int(param.shape[0]))
+        out[short] = int(sum(bool(x) for x in mask)) if mask is not None else int(param.shape[0])
     return out
 
 
@@ -326,4 +351,3 @@ class VeraMethod(Method):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(ctx))
-

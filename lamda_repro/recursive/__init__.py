@@ -4,6 +4,7 @@ Main entry points: ``convert_to_recursive`` (convert.py), ``relax_recursive`` (r
 ``save_recursive`` / ``load_recursive`` (convert.py), ``non_embedding_counts`` (counts.py),
 ``train_causal_lm`` (uptrain.py) and ``execute_run`` (runner.py, one configured run).
 """
+
 from lamda_repro.recursive.convert import (
     RecursionSpec,
     RecursiveConfigError,
@@ -15,5 +16,15 @@ from lamda_repro.recursive.convert import (
 from lamda_repro.recursive.counts import non_embedding_counts
 from lamda_repro.recursive.relax import DepthLoRALinear, LoraSpec, relax_recursive
 
-__all__ = ["RecursionSpec", "RecursiveConfigError", "convert_to_recursive", "load_recursive", "save_recursive",
-           "truncate_layers", "non_embedding_counts", "DepthLoRALinear", "LoraSpec", "relax_recursive"]
+__all__ = [
+    "RecursionSpec",
+    "RecursiveConfigError",
+    "convert_to_recursive",
+    "load_recursive",
+    "save_recursive",
+    "truncate_layers",
+    "non_embedding_counts",
+    "DepthLoRALinear",
+    "LoraSpec",
+    "relax_recursive",
+]

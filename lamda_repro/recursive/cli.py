@@ -1,12 +1,13 @@
 """Command-line subcommands of the recursive stage (registered by ``add_cli``).
 
-    recursive-corpus    write the smoke corpus, tokenizer and lm-eval tasks
-    recursive-pretrain  pretrain a tiny model of the config on the corpus
-    recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
-    recursive-table     table (md/csv/tex) and figure from records
-    recursive-counts    non-embedding parameter counts of a model config
-    recursive-bench     forward tokens/s and weight memory: original vs converted
+recursive-corpus    write the smoke corpus, tokenizer and lm-eval tasks
+recursive-pretrain  pretrain a tiny model of the config on the corpus
+recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
+recursive-table     table (md/csv/tex) and figure from records
+recursive-counts    non-embedding parameter counts of a model config
+recursive-bench     forward tokens/s and weight memory: original vs converted
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,9 +101,15 @@ def cmd_bench(args) -> int:
     from lamda_repro.recursive.bench import benchmark_conversion
 
     _setup(args)
-    result = benchmark_conversion(args.model, num_loops=args.num_loops, lora_rank=args.lora_rank,
-                                  batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                                  device=args.device)
+    result = benchmark_conversion(
+        args.model,
+        num_loops=args.num_loops,
+        lora_rank=args.lora_rank,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        repeats=args.repeats,
+        device=args.device,
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -142,7 +149,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lora-rank", type=int, nargs="*", help="relaxed ranks to count")
     p.set_defaults(func=cmd_counts)
 
-    p = subparsers.add_parser("recursive-bench", help="forward tokens/s and weight memory, original vs converted")
+    p = subparsers.add_parser(
+        "recursive-bench", help="forward tokens/s and weight memory, original vs converted"
+    )
     p.add_argument("--model", required=True, help="model folder (or Hub id)")
     p.add_argument("--num-loops", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=None)
@@ -158,8 +167,11 @@ def add_cli(subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (the suite's ``lamda-repro`` CLI wires ``add_cli`` in as well)."""
     parser = argparse.ArgumentParser(prog="python -m lamda_repro.recursive.cli")
-    parser.add_argument("--online", action="store_true",
-                        help="allow Hugging Face Hub access (default: the offline switches are set)")
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="allow Hugging Face Hub access (default: the offline switches are set)",
+    )
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     if not args.online:

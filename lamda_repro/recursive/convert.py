@@ -9,6 +9,7 @@ and the result stays an ordinary transformers model (``generate``, lm-eval, ``.t
 Shared layer i is stored in the first position that uses it (its "owner"); ``save_recursive``
 writes each tensor once and ``load_recursive`` rebuilds the model and re-ties it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,7 +44,8 @@ class RecursionSpec:
     sharing: str = field(default="cycle", metadata={"help": "cycle (l mod K) or sequence (l // B)"})
     init: str = field(default="stepwise", metadata={"help": "how shared layers were initialized"})
     lora: dict[str, Any] | None = field(
-        default=None, metadata={"help": "depth-wise LoRA settings (relax.LoraSpec as dict) or None"})
+        default=None, metadata={"help": "depth-wise LoRA settings (relax.LoraSpec as dict) or None"}
+    )
 
     @property
     def num_shared(self) -> int:
@@ -87,8 +89,7 @@ def check_recursion(num_layers: int, num_loops: int, sharing: str, init: str) ->
     if not isinstance(num_loops, int) or num_loops < 1:
         raise RecursiveConfigError(f"num_loops must be a positive integer, got {num_loops!r}")
     if num_layers % num_loops:
-        raise RecursiveConfigError(
-            f"num_loops={num_loops} does not divide the model's {num_layers} layers")
+        raise RecursiveConfigError(f"num_loops={num_loops} does not divide the model's {num_layers} layers")
     if sharing not in SHARING_STRATEGIES:
         raise RecursiveConfigError(f"sharing must be one of {SHARING_STRATEGIES}, got {sharing!r}")
     if init not in INIT_METHODS:
@@ -106,7 +107,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return layers
     raise RecursiveConfigError(
         f"unsupported architecture {type(model).__name__}: no decoder layer list at "
-        f"{', '.join(_LAYER_LIST_PATHS)}")
+        f"{', '.join(_LAYER_LIST_PATHS)}"
+    )
 
 
 def recursion_spec(model: nn.Module) -> RecursionSpec | None:
@@ -170,8 +172,9 @@ def convert_to_recursive(
     num_layers = len(layers)
     check_recursion(num_layers, num_loops, sharing, init)
     if inplace and (lora_rank is not None or init == "average"):
-        raise RecursiveConfigError("inplace conversion cannot use lora_rank or init='average' "
-                                   "(both need the original layers)")
+        raise RecursiveConfigError(
+            "inplace conversion cannot use lora_rank or init='average' (both need the original layers)"
+        )
     if recursion_spec(model) is not None:
         raise RecursiveConfigError("model is already recursive")
     spec = RecursionSpec(num_layers=num_layers, num_loops=num_loops, sharing=sharing, init=init)
@@ -188,9 +191,16 @@ def convert_to_recursive(
     if lora_rank is not None:
         from lamda_repro.recursive.relax import LoraSpec, relax_recursive
 
-        relax_recursive(converted, model, LoraSpec(rank=lora_rank, init=lora_init,
-                                                   per_position_vectors=per_position_vectors,
-                                                   target_modules=target_modules))
+        relax_recursive(
+            converted,
+            model,
+            LoraSpec(
+                rank=lora_rank,
+                init=lora_init,
+                per_position_vectors=per_position_vectors,
+                target_modules=target_modules,
+            ),
+        )
     return converted
 
 
@@ -245,7 +255,10 @@ def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     state = unique_state_dict(model)
-    meta = {"format": "pt", RECURSION_CONFIG_KEY: json.dumps(getattr(model.config, RECURSION_CONFIG_KEY, None))}
+    meta = {
+        "format": "pt",
+        RECURSION_CONFIG_KEY: json.dumps(getattr(model.config, RECURSION_CONFIG_KEY, None)),
+    }
     write_bytes_atomic(directory / WEIGHTS_NAME, save(state, metadata=meta))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -7,6 +7,7 @@ The smoke corpus mixes three kinds of sentences a small model can learn:
   copying   "copy : b d a | b d a ."        (a short letter sequence repeated)
 The multiple-choice tasks ask for the next word of held-out sentences of each kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,44 @@ from typing import Any
 import torch
 
 ANIMALS = ["cat", "dog", "cow", "horse", "bird", "fox", "bear", "goat", "duck", "mouse", "owl", "pig"]
-FOODS = ["fish", "meat", "grass", "hay", "seeds", "berries", "honey", "leaves", "bugs", "cheese", "worms", "corn"]
+FOODS = [
+    "fish",
+    "meat",
+    "grass",
+    "hay",
+    "seeds",
+    "berries",
+    "honey",
+    "leaves",
+    "bugs",
+    "cheese",
+    "worms",
+    "corn",
+]
 COLORS = ["red", "blue", "green", "brown", "black", "white", "gray", "small", "big", "old", "young"]
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-           "nineteen", "twenty"]
+NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
 LETTERS = list("abcdefghij")
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 SMOKE_TASKS = ("smoke_facts", "smoke_count", "smoke_copy")
@@ -46,7 +80,7 @@ def _fact(rng: random.Random) -> tuple[str, str, list[str]]:
 def _count(rng: random.Random) -> tuple[str, str, list[str]]:
     length = rng.randint(3, 5)
     start = rng.randint(0, len(NUMBERS) - length - 1)
-    words = NUMBERS[start:start + length]
+    words = NUMBERS[start : start + length]
     return "count : " + " ".join(words), NUMBERS[start + length], NUMBERS
 
 
@@ -65,7 +99,7 @@ def _sentence(rng: random.Random) -> str:
     if kind == "smoke_count":
         length = rng.randint(4, 7)
         start = rng.randint(0, len(NUMBERS) - length)
-        return "count : " + " ".join(NUMBERS[start:start + length]) + " ."
+        return "count : " + " ".join(NUMBERS[start : start + length]) + " ."
     if kind == "smoke_copy":
         seq = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
         return f"copy : {seq} | {seq} ."
@@ -95,7 +129,9 @@ def build_word_tokenizer(vocabulary: Iterable[str]):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     bos = SPECIAL_TOKENS["bos_token"]
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=1024, **SPECIAL_TOKENS)
 
 
@@ -154,17 +190,20 @@ def write_smoke_tasks(directory: Path, seed: int, test_size: int, train_size: in
         write_jsonl(train, task_examples(task, train_size, seed + 1))
         write_jsonl(test, task_examples(task, test_size, seed + 2))
         (directory / f"{task}.yaml").write_text(
-            TASK_YAML.format(task=task, train=train, test=test, cache=directory / "hf_cache"))
+            TASK_YAML.format(task=task, train=train, test=test, cache=directory / "hf_cache")
+        )
     return list(SMOKE_TASKS)
 
 
-def write_smoke_corpus(directory: Path, num_documents: int, num_validation: int, seed: int,
-                       task_test_size: int = 100) -> dict[str, Any]:
+def write_smoke_corpus(
+    directory: Path, num_documents: int, num_validation: int, seed: int, task_test_size: int = 100
+) -> dict[str, Any]:
     """Write the smoke corpus (train/validation JSONL), its tokenizer and its lm-eval tasks."""
     directory = Path(directory)
     write_jsonl(directory / "train.jsonl", ({"text": t} for t in smoke_documents(num_documents, seed)))
-    write_jsonl(directory / "validation.jsonl",
-                ({"text": t} for t in smoke_documents(num_validation, seed + 1000)))
+    write_jsonl(
+        directory / "validation.jsonl", ({"text": t} for t in smoke_documents(num_validation, seed + 1000))
+    )
     build_word_tokenizer(smoke_vocabulary()).save_pretrained(directory / "tokenizer")
     tasks = write_smoke_tasks(directory / "tasks", seed, task_test_size)
     info = {"num_documents": num_documents, "num_validation": num_validation, "seed": seed, "tasks": tasks}
@@ -215,8 +254,9 @@ def packed_sequences(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[
             buffer = buffer[seq_len:]
 
 
-def batches(texts: Iterable[str], tokenizer, seq_len: int, batch_size: int,
-            repeat: bool = False, text_factory=None) -> Iterator[torch.Tensor]:
+def batches(
+    texts: Iterable[str], tokenizer, seq_len: int, batch_size: int, repeat: bool = False, text_factory=None
+) -> Iterator[torch.Tensor]:
     """(batch_size, seq_len) token batches; with ``repeat`` the corpus is re-read from
     ``text_factory()`` when exhausted (small corpora, several epochs)."""
     while True:

@@ -10,6 +10,7 @@ device, so no weight memory is allocated and every transformers architecture is 
     relaxed        = N_RT + sum over L positions and the relaxed maps of r_m (d_in + d_out),
                      r_m = min(r, d_in, d_out)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,8 +47,9 @@ def lora_parameters(maps: dict[str, tuple[int, int]], rank: int, num_positions: 
     return num_positions * per_position
 
 
-def non_embedding_counts(config, num_loops: int = 1, lora_rank: int | None = None,
-                         target_modules: list[str] | None = None) -> dict[str, Any]:
+def non_embedding_counts(
+    config, num_loops: int = 1, lora_rank: int | None = None, target_modules: list[str] | None = None
+) -> dict[str, Any]:
     """Vanilla, recursive and (with ``lora_rank``) relaxed non-embedding counts of ``config``."""
     num_layers, p_layer, maps = layer_shapes(config)
     check_recursion(num_layers, num_loops, "cycle", "stepwise")
@@ -84,5 +86,11 @@ def weight_bytes(model: nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-__all__ = ["layer_shapes", "lora_parameters", "non_embedding_counts", "model_non_embedding_parameters",
-           "model_total_parameters", "weight_bytes"]
+__all__ = [
+    "layer_shapes",
+    "lora_parameters",
+    "non_embedding_counts",
+    "model_non_embedding_parameters",
+    "model_total_parameters",
+    "weight_bytes",
+]

@@ -3,6 +3,7 @@
 All losses compare next-token distributions position by position and average over the positions
 selected by ``mask``. Forward KL, KL(p_teacher || p_student), is the default (best in the paper).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,21 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
-                      temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over (masked) positions of the divergence ``kind`` between teacher and student."""
     if kind not in KD_LOSSES:
         raise DistillConfigError(f"kd loss must be one of {KD_LOSSES}, got {kind!r}")
     if student_logits.shape != teacher_logits.shape:
-        raise DistillConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                                 f"{tuple(teacher_logits.shape)} differ in shape")
+        raise DistillConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "forward_kl":
@@ -39,7 +47,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         per_position = 0.5 * _kl(log_t, log_m) + 0.5 * _kl(log_s, log_m)
     else:
         per_position = 0.5 * (log_s.exp() - log_t.exp()).abs().sum(dim=-1)
-    per_position = per_position * temperature ** 2 if kind in ("forward_kl", "reverse_kl") else per_position
+    per_position = per_position * temperature**2 if kind in ("forward_kl", "reverse_kl") else per_position
     if mask is None:
         return per_position.mean()
     mask = mask.to(per_position.dtype)

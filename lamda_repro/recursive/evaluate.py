@@ -1,5 +1,6 @@
 """Evaluation of (recursive) causal LMs: lm-evaluation-harness accuracy, held-out perplexity and
 forward throughput, all on the in-memory model."""
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,17 @@ class EvalConfigError(ValueError):
     """An invalid evaluation setting (unknown task, bad few-shot count)."""
 
 
-def lm_eval_accuracy(model: nn.Module, tokenizer, tasks: list[str], include_path: str | None = None,
-                     num_fewshot: int | None = None, limit: int | float | None = None,
-                     batch_size: int = 8, metrics: dict[str, str] | None = None,
-                     seed: int = 0) -> dict[str, float]:
+def lm_eval_accuracy(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    metrics: dict[str, str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Accuracy per task (metric from ``metrics`` or DEFAULT_TASK_METRICS, else acc) via lm-eval."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -45,11 +53,26 @@ def lm_eval_accuracy(model: nn.Module, tokenizer, tasks: list[str], include_path
         raise EvalConfigError(f"unknown lm-eval tasks: {unknown}")
     device = next(model.parameters()).device
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-              prefix_token_id=prefix)
-    out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=str(device),
+        prefix_token_id=prefix,
+    )
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=False,
+    )
     chosen = {**DEFAULT_TASK_METRICS, **(metrics or {})}
     scores = {}
     for task in tasks:
@@ -81,8 +104,15 @@ def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], max_batches: i
 
 
 @torch.no_grad()
-def forward_throughput(model: nn.Module, vocab_size: int, batch_size: int = 8, seq_len: int = 128,
-                       warmup: int = 2, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def forward_throughput(
+    model: nn.Module,
+    vocab_size: int,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    warmup: int = 2,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Forward (prefill) tokens per second on random tokens, median of ``repeats`` timed calls."""
     model.eval()
     device = next(model.parameters()).device
@@ -99,5 +129,10 @@ def forward_throughput(model: nn.Module, vocab_size: int, batch_size: int = 8, s
         if i >= warmup:
             times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
-    return {"forward_tokens_per_s": batch_size * seq_len / median, "forward_batch": batch_size,
-            "forward_seq_len": seq_len, "forward_median_s": median, "device": device.type}
+    return {
+        "forward_tokens_per_s": batch_size * seq_len / median,
+        "forward_batch": batch_size,
+        "forward_seq_len": seq_len,
+        "forward_median_s": median,
+        "device": device.type,
+    }

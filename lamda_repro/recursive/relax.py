@@ -5,6 +5,7 @@ tied parameter of the recursive model; A_l, B_l belong to position l alone. SVD 
 B_l A_l to the best rank-r approximation of the residual W_l(original) - W'_shared, so a
 full-rank relaxation reproduces the original model; zero init (B_l = 0) is the ablation.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,11 +31,19 @@ class LoraSpec:
 
     rank: int = field(metadata={"help": "r; each matrix uses min(r, d_in, d_out)"})
     init: str = field(default="svd", metadata={"help": "svd (truncated SVD of the residual) or zero (B = 0)"})
-    per_position_vectors: bool = field(default=False, metadata={
-        "help": "give every position its own copy of the block's 1-D parameters (norm weights, "
-                "biases), initialized from the original layer; off = tied with the block (paper)"})
-    target_modules: list[str] | None = field(default=None, metadata={
-        "help": "module names inside a layer to relax (e.g. self_attn.q_proj); None = every linear map"})
+    per_position_vectors: bool = field(
+        default=False,
+        metadata={
+            "help": "give every position its own copy of the block's 1-D parameters (norm weights, "
+            "biases), initialized from the original layer; off = tied with the block (paper)"
+        },
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "module names inside a layer to relax (e.g. self_attn.q_proj); None = every linear map"
+        },
+    )
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -86,7 +95,9 @@ def _untie_vectors(layer: nn.Module) -> None:
         if param.dim() == 1:
             module_path, _, param_name = name.rpartition(".")
             owner = layer.get_submodule(module_path) if module_path else layer
-            setattr(owner, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            setattr(
+                owner, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            )
 
 
 def add_depth_lora(model: nn.Module, spec: RecursionSpec, lora: LoraSpec) -> list[DepthLoRALinear]:
@@ -104,7 +115,9 @@ def add_depth_lora(model: nn.Module, spec: RecursionSpec, lora: LoraSpec) -> lis
             except AttributeError:
                 raise RecursiveConfigError(f"target module {name!r} not found in decoder layer") from None
             if not is_linear_map(base):
-                raise RecursiveConfigError(f"target module {name!r} is a {type(base).__name__}, not a linear map")
+                raise RecursiveConfigError(
+                    f"target module {name!r} is a {type(base).__name__}, not a linear map"
+                )
             parent_path, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_path) if parent_path else layer
             module = DepthLoRALinear(base, lora.rank)
@@ -115,8 +128,9 @@ def add_depth_lora(model: nn.Module, spec: RecursionSpec, lora: LoraSpec) -> lis
 
 def svd_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B A the best rank-``rank`` approximation of ``residual``: B = U_r S_r, A = V_r^T."""
-    U, S, Vh = torch.linalg.svd(residual.double() if residual.device.type == "cpu" else residual.float(),
-                                full_matrices=False)
+    U, S, Vh = torch.linalg.svd(
+        residual.double() if residual.device.type == "cpu" else residual.float(), full_matrices=False
+    )
     return U[:, :rank] * S[:rank], Vh[:rank]
 
 
@@ -130,7 +144,8 @@ def relax_recursive(model: nn.Module, original: nn.Module, lora: LoraSpec) -> nn
     original_layers = decoder_layers(original)
     if len(original_layers) != spec.num_layers:
         raise RecursiveConfigError(
-            f"original model has {len(original_layers)} layers, recursive model {spec.num_layers}")
+            f"original model has {len(original_layers)} layers, recursive model {spec.num_layers}"
+        )
     add_depth_lora(model, spec, lora)
     layers = decoder_layers(model)
     with torch.no_grad():
@@ -166,5 +181,12 @@ def lora_rank_summary(model: nn.Module) -> dict[str, int]:
     return summary
 
 
-__all__ = ["LoraSpec", "DepthLoRALinear", "add_depth_lora", "relax_recursive", "svd_factors",
-           "linear_map_names", "lora_rank_summary"]
+__all__ = [
+    "LoraSpec",
+    "DepthLoRALinear",
+    "add_depth_lora",
+    "relax_recursive",
+    "svd_factors",
+    "linear_map_names",
+    "lora_rank_summary",
+]

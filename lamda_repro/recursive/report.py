@@ -1,5 +1,6 @@
 """Paper-style table (Markdown, CSV, LaTeX) and figure (average accuracy against non-embedding
 parameters) from recursive run records."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def _describe_variant(run: dict[str, Any]) -> str:
         return f"L/{run.get('num_loops')} layers, from scratch"
     text = f"recursive B={run.get('num_loops')} {run.get('sharing', 'cycle')} {run.get('init', 'stepwise')}"
     if run.get("lora_rank"):
-        text = f"relaxed r={run['lora_rank']} ({run.get('lora_init', 'svd')}) " + text[len("recursive "):]
+        text = f"relaxed r={run['lora_rank']} ({run.get('lora_init', 'svd')}) " + text[len("recursive ") :]
     return text
 
 
@@ -31,9 +32,13 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             continue
         run = rec.get("spec", {}).get("run", {})
         model = rec.get("spec", {}).get("model", {})
-        row = {"model": model.get("label", run.get("model", "?")), "run": run.get("name", rec.get("run_id")),
-               "variant": _describe_variant(run), "status": rec.get("status"),
-               "non_embedding_params": rec.get("params", {}).get("non_embedding")}
+        row = {
+            "model": model.get("label", run.get("model", "?")),
+            "run": run.get("name", rec.get("run_id")),
+            "variant": _describe_variant(run),
+            "status": rec.get("status"),
+            "non_embedding_params": rec.get("params", {}).get("non_embedding"),
+        }
         metrics = rec.get("metrics", {}) if rec.get("status") == "success" else {}
         for key, value in metrics.items():
             row[key] = value
@@ -41,7 +46,9 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    return frame.sort_values(["model", "non_embedding_params", "run"], na_position="last").reset_index(drop=True)
+    return frame.sort_values(["model", "non_embedding_params", "run"], na_position="last").reset_index(
+        drop=True
+    )
 
 
 def _format(value: Any, column: str) -> str:
@@ -69,10 +76,17 @@ def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataF
     task_cols = sorted(c for c in frame.columns if c.startswith("acc_"))
     columns = ["model", "variant", "non_embedding_params", *task_cols, "average", "perplexity"]
     columns = [c for c in columns if c in frame.columns]
-    shown = pd.DataFrame({c: [_format(v, c) for v in frame[c]] if c not in ("model", "variant") else frame[c]
-                          for c in columns})
-    headers = {"model": "Model", "variant": "Variant", "non_embedding_params": "N-emb",
-               "average": "Avg", "perplexity": "PPL", **{c: c[len("acc_"):] for c in task_cols}}
+    shown = pd.DataFrame(
+        {c: [_format(v, c) for v in frame[c]] if c not in ("model", "variant") else frame[c] for c in columns}
+    )
+    headers = {
+        "model": "Model",
+        "variant": "Variant",
+        "non_embedding_params": "N-emb",
+        "average": "Avg",
+        "perplexity": "PPL",
+        **{c: c[len("acc_") :] for c in task_cols},
+    }
     shown = shown.rename(columns=headers)
     write_text_atomic(out_stem.with_suffix(".csv"), to_csv(frame))
     write_text_atomic(out_stem.with_suffix(".md"), to_markdown(shown))
@@ -97,8 +111,13 @@ def plot_accuracy_vs_params(records: list[dict[str, Any]], out_path: str | Path)
         for _, row in done.iterrows():
             marker = next((m for key, m in markers.items() if row["variant"].startswith(key)), "x")
             ax.scatter(row["non_embedding_params"] / 1e6, 100 * row["average"], marker=marker, s=50)
-            ax.annotate(row["run"], (row["non_embedding_params"] / 1e6, 100 * row["average"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                row["run"],
+                (row["non_embedding_params"] / 1e6, 100 * row["average"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xlabel("non-embedding parameters (M)")
     ax.set_ylabel("average few-shot accuracy (%)")
     ax.set_title("Recursive Transformers: accuracy vs. size")

@@ -11,6 +11,7 @@ a corpus, uptraining and evaluation settings, and runs. A run is one variant of 
 Artifacts live under ``<workdir>/recursive/`` (corpus, pretrained tiny models, kept run models);
 records under ``<results_dir>/runs/recursive/<run_id>.json``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,18 +43,42 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "re
 DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "seed": 0,
-    "corpus": {"kind": "smoke", "num_documents": 2000, "num_validation": 100, "task_test_size": 100,
-               "text_field": "text"},
+    "corpus": {
+        "kind": "smoke",
+        "num_documents": 2000,
+        "num_validation": 100,
+        "task_test_size": 100,
+        "text_field": "text",
+    },
     "models": {},
     "uptrain": {},
-    "eval": {"tasks": list(corpus_mod.SMOKE_TASKS), "num_fewshot": 0, "limit": None, "batch_size": 16,
-             "metrics": {}, "ppl_batches": 8, "ppl_batch_size": 8, "ppl_seq_len": 64,
-             "throughput_batch_size": 8, "throughput_seq_len": 64},
+    "eval": {
+        "tasks": list(corpus_mod.SMOKE_TASKS),
+        "num_fewshot": 0,
+        "limit": None,
+        "batch_size": 16,
+        "metrics": {},
+        "ppl_batches": 8,
+        "ppl_batch_size": 8,
+        "ppl_seq_len": 64,
+        "throughput_batch_size": 8,
+        "throughput_seq_len": 64,
+    },
     "runs": [],
 }
-PRETRAIN_DEFAULTS: dict[str, Any] = {"architecture": "llama", "hidden_size": 64, "num_layers": 6, "num_heads": 4,
-                                     "num_kv_heads": 2, "intermediate_size": 128, "steps": 300,
-                                     "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 20}
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "architecture": "llama",
+    "hidden_size": 64,
+    "num_layers": 6,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "steps": 300,
+    "batch_size": 16,
+    "seq_len": 64,
+    "lr": 3e-3,
+    "warmup_steps": 20,
+}
 
 
 class RecursiveRunError(ValueError):
@@ -61,6 +86,7 @@ class RecursiveRunError(ValueError):
 
 
 # -- configuration -------------------------------------------------------------------------------
+
 
 def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
     """Validate the ``recursive:`` section against its schema and fill in defaults."""
@@ -78,12 +104,16 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
     names = [run_id(run) for run in out["runs"]]
     for run in out["runs"]:
         if run["model"] not in out["models"]:
-            raise RecursiveRunError(f"recursive.runs.{run['name']}.model: unknown model {run['model']!r} "
-                                    f"(defined: {', '.join(sorted(out['models'])) or 'none'})")
+            raise RecursiveRunError(
+                f"recursive.runs.{run['name']}.model: unknown model {run['model']!r} "
+                f"(defined: {', '.join(sorted(out['models'])) or 'none'})"
+            )
         if run["variant"] != "original" and "num_loops" not in run:
             raise RecursiveRunError(f"recursive.runs.{run['name']}: variant {run['variant']} needs num_loops")
         if run.get("lora_rank") is not None and run["variant"] != "recursive":
-            raise RecursiveRunError(f"recursive.runs.{run['name']}: lora_rank only applies to variant recursive")
+            raise RecursiveRunError(
+                f"recursive.runs.{run['name']}: lora_rank only applies to variant recursive"
+            )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RecursiveRunError(f"recursive.runs: duplicate runs (model--name) {duplicates}")
@@ -100,7 +130,9 @@ def find_run(section: dict[str, Any], rid: str) -> dict[str, Any]:
     for run in section["runs"]:
         if run_id(run) == rid:
             return run
-    raise RecursiveRunError(f"no recursive run {rid!r} (known: {', '.join(run_id(r) for r in section['runs'])})")
+    raise RecursiveRunError(
+        f"no recursive run {rid!r} (known: {', '.join(run_id(r) for r in section['runs'])})"
+    )
 
 
 def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> list[str]:
@@ -137,6 +169,7 @@ def pick_device(device: str) -> torch.device:
 
 # -- artifacts -----------------------------------------------------------------------------------
 
+
 def prepare_corpus(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Write the smoke corpus, tokenizer and tasks (kind smoke); other kinds need no preparation."""
     cfg = section["corpus"]
@@ -146,8 +179,9 @@ def prepare_corpus(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
         info = {"kind": cfg["kind"]}
         (out / "corpus.json").write_text(json.dumps(info))
         return info
-    return corpus_mod.write_smoke_corpus(out, cfg["num_documents"], cfg["num_validation"], section["seed"],
-                                         cfg["task_test_size"])
+    return corpus_mod.write_smoke_corpus(
+        out, cfg["num_documents"], cfg["num_validation"], section["seed"], cfg["task_test_size"]
+    )
 
 
 def _corpus_entry(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -160,8 +194,14 @@ def _corpus_entry(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def train_batches(section, workdir, tokenizer, seq_len, batch_size, split="train"):
     cfg = _corpus_entry(section, workdir)
     factory = lambda: corpus_mod.iter_texts(cfg, split)  # noqa: E731
-    return corpus_mod.batches(factory(), tokenizer, seq_len, batch_size, repeat=cfg["kind"] != "hub" and split == "train",
-                              text_factory=factory)
+    return corpus_mod.batches(
+        factory(),
+        tokenizer,
+        seq_len,
+        batch_size,
+        repeat=cfg["kind"] != "hub" and split == "train",
+        text_factory=factory,
+    )
 
 
 def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: torch.device) -> dict[str, Any]:
@@ -174,15 +214,35 @@ def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: to
     p = {**PRETRAIN_DEFAULTS, **entry["pretrain"]}
     tokenizer = AutoTokenizer.from_pretrained(corpus_dir(workdir) / "tokenizer")
     torch.manual_seed(section["seed"])
-    config = tiny_config(p["architecture"], vocab_size=len(tokenizer), hidden_size=p["hidden_size"],
-                         num_layers=p["num_layers"], num_heads=p["num_heads"], num_kv_heads=p["num_kv_heads"],
-                         intermediate_size=p["intermediate_size"], bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_config(
+        p["architecture"],
+        vocab_size=len(tokenizer),
+        hidden_size=p["hidden_size"],
+        num_layers=p["num_layers"],
+        num_heads=p["num_heads"],
+        num_kv_heads=p["num_kv_heads"],
+        intermediate_size=p["intermediate_size"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_config(config).to(device)
-    cfg = UptrainConfig(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"], lr=p["lr"],
-                        warmup_steps=p["warmup_steps"], weight_decay=0.01, kd_weight=0.0)
-    stats = train_causal_lm(model, train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
-                            cfg, seed=section["seed"], desc=f"pretrain {name}")
+    cfg = UptrainConfig(
+        steps=p["steps"],
+        batch_size=p["batch_size"],
+        seq_len=p["seq_len"],
+        lr=p["lr"],
+        warmup_steps=p["warmup_steps"],
+        weight_decay=0.01,
+        kd_weight=0.0,
+    )
+    stats = train_causal_lm(
+        model,
+        train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
+        cfg,
+        seed=section["seed"],
+        desc=f"pretrain {name}",
+    )
     out = model_dir(workdir, name)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -217,10 +277,15 @@ def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
     if num_layers % loops:
         raise RecursiveConfigError(f"num_loops={loops} does not divide the model's {num_layers} layers")
     if variant == "recursive":
-        return convert_to_recursive(base, loops, sharing=run.get("sharing", "cycle"),
-                                    init=run.get("init", "stepwise"), lora_rank=run.get("lora_rank"),
-                                    lora_init=run.get("lora_init", "svd"),
-                                    per_position_vectors=run.get("per_position_vectors", False))
+        return convert_to_recursive(
+            base,
+            loops,
+            sharing=run.get("sharing", "cycle"),
+            init=run.get("init", "stepwise"),
+            lora_rank=run.get("lora_rank"),
+            lora_init=run.get("lora_init", "svd"),
+            per_position_vectors=run.get("per_position_vectors", False),
+        )
     if variant == "truncated":
         return truncate_layers(base, num_layers // loops)
     config = copy.deepcopy(base.config)
@@ -234,6 +299,7 @@ def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
 
 # -- one run -------------------------------------------------------------------------------------
 
+
 def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = "auto") -> dict[str, Any]:
     """Run ``rid`` and return its record (status "failed" with the error if anything raised)."""
     from lamda_repro.results import new_record, utc_now
@@ -241,8 +307,14 @@ def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = 
     run = find_run(section, rid)
     entry = section["models"][run["model"]]
     up_cfg = uptrain_config(section, run)
-    spec = {"run": run, "model": entry, "uptrain": up_cfg.to_dict() if up_cfg else None,
-            "eval": section["eval"], "corpus": section["corpus"], "seed": section["seed"]}
+    spec = {
+        "run": run,
+        "model": entry,
+        "uptrain": up_cfg.to_dict() if up_cfg else None,
+        "eval": section["eval"],
+        "corpus": section["corpus"],
+        "seed": section["seed"],
+    }
     record = new_record(rid, "recursive", spec)
     start = time.perf_counter()
     try:
@@ -263,13 +335,18 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
     base, tokenizer = load_base(section, run["model"], workdir, device)
     # An original model that is not trained is evaluated as loaded (no copy).
     model = base if run["variant"] == "original" and up_cfg is None else build_variant(base, run, seed)
-    record["params"] = {"non_embedding": model_non_embedding_parameters(model),
-                        "total": model_total_parameters(model),
-                        "non_embedding_base": model_non_embedding_parameters(base),
-                        "weight_bytes": weight_bytes(model),
-                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    record["method_info"] = {"variant": run["variant"], "num_layers": len(decoder_layers(model)),
-                             "recursion": getattr(model.config, "recursion", None)}
+    record["params"] = {
+        "non_embedding": model_non_embedding_parameters(model),
+        "total": model_total_parameters(model),
+        "non_embedding_base": model_non_embedding_parameters(base),
+        "weight_bytes": weight_bytes(model),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    record["method_info"] = {
+        "variant": run["variant"],
+        "num_layers": len(decoder_layers(model)),
+        "recursion": getattr(model.config, "recursion", None),
+    }
     if up_cfg is not None and up_cfg.steps > 0:
         teacher = base if up_cfg.kd_weight > 0 else None
         batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
@@ -278,14 +355,28 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
         record["throughput"]["train_tokens_per_s"] = stats["train_tokens_per_s"]
     del base
     include = str(corpus_dir(workdir) / "tasks") if section["corpus"]["kind"] == "smoke" else None
-    scores = lm_eval_accuracy(model, tokenizer, ev["tasks"], include_path=include, num_fewshot=ev["num_fewshot"],
-                              limit=ev["limit"], batch_size=ev["batch_size"], metrics=ev["metrics"], seed=seed)
+    scores = lm_eval_accuracy(
+        model,
+        tokenizer,
+        ev["tasks"],
+        include_path=include,
+        num_fewshot=ev["num_fewshot"],
+        limit=ev["limit"],
+        batch_size=ev["batch_size"],
+        metrics=ev["metrics"],
+        seed=seed,
+    )
     record["metrics"] = {f"acc_{task}": value for task, value in scores.items()}
     record["metrics"]["average"] = sum(scores.values()) / len(scores)
-    held_out = train_batches(section, workdir, tokenizer, ev["ppl_seq_len"], ev["ppl_batch_size"], "validation")
+    held_out = train_batches(
+        section, workdir, tokenizer, ev["ppl_seq_len"], ev["ppl_batch_size"], "validation"
+    )
     record["metrics"]["perplexity"] = perplexity(model, held_out, max_batches=ev["ppl_batches"])
     record["primary_metric"] = "average"
-    record["throughput"].update(forward_throughput(model, model.config.vocab_size, ev["throughput_batch_size"],
-                                                   ev["throughput_seq_len"]))
+    record["throughput"].update(
+        forward_throughput(
+            model, model.config.vocab_size, ev["throughput_batch_size"], ev["throughput_seq_len"]
+        )
+    )
     if run.get("save_model"):
         save_recursive(model, Path(workdir) / "recursive" / "runs" / run_id(run), tokenizer)

@@ -4,6 +4,7 @@
 AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak, gradient clipping,
 loss = (1 - kd_weight) * LM + kd_weight * KD. Deterministic on CPU for a fixed seed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,14 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def train_causal_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: UptrainConfig,
-                    teacher: nn.Module | None = None, seed: int = 0, desc: str = "uptrain") -> dict[str, Any]:
+def train_causal_lm(
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    cfg: UptrainConfig,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    desc: str = "uptrain",
+) -> dict[str, Any]:
     """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics."""
     if cfg.kd_weight > 0 and teacher is None:
         raise DistillConfigError("kd_weight > 0 needs a teacher model")
@@ -87,11 +94,16 @@ def train_causal_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: Uptr
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.precision == "bf16" and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -129,7 +141,7 @@ def train_causal_lm(model: nn.Module, batches: Iterator[torch.Tensor], cfg: Uptr
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
     model.eval()
     elapsed = time.perf_counter() - start
-    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    tail = losses[-max(1, len(losses) // 10) :] if losses else []
     return {
         "steps": cfg.steps,
         "tokens": tokens,

@@ -9,6 +9,7 @@ A task config entry names a task type and its options, e.g.
 ``data_files`` gives local files of the Hub schema directly. Either way the splits are read
 through ``datasets.load_dataset`` exactly as Hub data is.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -85,8 +86,15 @@ class Task:
         return DataCollatorWithPadding(tokenizer)
 
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, eval_raw, eval_tokenized, batch_size: int,
-                 generation: dict[str, Any] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        eval_raw,
+        eval_tokenized,
+        batch_size: int,
+        generation: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
         """Compute the task's metrics on the eval split."""
         raise NotImplementedError
 
@@ -126,8 +134,9 @@ def get_task_class(type_name: str) -> type[Task]:
         ) from None
 
 
-def load_raw_splits(task: Task, hub_path: str, hub_name: str | None, splits: dict[str, str],
-                    revision: str | None = None):
+def load_raw_splits(
+    task: Task, hub_path: str, hub_name: str | None, splits: dict[str, str], revision: str | None = None
+):
     """Load the named splits from local files (if the task has them) or from the Hub.
 
     ``splits`` maps the suite's split names ("train", "eval", ...) to the data set's split
@@ -156,7 +165,9 @@ def load_raw_splits(task: Task, hub_path: str, hub_name: str | None, splits: dic
     out = datasets.DatasetDict()
     for ours, theirs in splits.items():
         if theirs not in raw:
-            raise TaskConfigError(f"task {task.name!r}: split {theirs!r} not in {hub_path} (has {sorted(raw)})")
+            raise TaskConfigError(
+                f"task {task.name!r}: split {theirs!r} not in {hub_path} (has {sorted(raw)})"
+            )
         ds = raw[theirs]
         limit = task.params.get("max_train_samples" if ours == "train" else "max_eval_samples")
         if limit is not None and len(ds) > limit:

@@ -15,6 +15,7 @@ E2E on the Hub exists in two schemas, both supported and detected from the colum
 Both repositories are script-based on the Hub; ``datasets`` >= 4 cannot run scripts, so the
 default ``hub_revision`` is the Hub's automatic Parquet export (``refs/convert/parquet``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,16 @@ from lamda_repro.tasks import metrics
 from lamda_repro.tasks.base import Task, TaskConfigError, load_raw_splits, register_task
 
 # generate() settings a task config may set in `generation`; anything else is refused.
-GENERATION_KEYS = ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
-                   "early_stopping", "min_new_tokens", "repetition_penalty", "do_sample")
+GENERATION_KEYS = (
+    "max_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "early_stopping",
+    "min_new_tokens",
+    "repetition_penalty",
+    "do_sample",
+)
 
 HUB_PARAMS_SCHEMA = {
     "hub_id": {"type": "string", "minLength": 1},
@@ -46,8 +55,10 @@ def resolve_eval_split(task: Task, hub_default: str) -> str:
     for split in ("validation", "test"):
         if split in task.data_files:
             return split
-    raise TaskConfigError(f"task {task.name!r}: local files have no validation or test split "
-                          f"(have {sorted(task.data_files)}); set eval_split")
+    raise TaskConfigError(
+        f"task {task.name!r}: local files have no validation or test split "
+        f"(have {sorted(task.data_files)}); set eval_split"
+    )
 
 
 def generation_kwargs(generation: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +87,7 @@ def pad_token_id(tokenizer) -> int:
 
 
 # -- prompt / target tokenization ---------------------------------------------------------
+
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of a prompt as the model sees it at generation time (special tokens included)."""
@@ -119,8 +131,9 @@ class CausalLMCollator:
 
 
 @torch.no_grad()
-def generate_continuations(model, tokenizer, prompts: list[str], batch_size: int,
-                           settings: dict[str, Any], max_prompt_length: int) -> list[str]:
+def generate_continuations(
+    model, tokenizer, prompts: list[str], batch_size: int, settings: dict[str, Any], max_prompt_length: int
+) -> list[str]:
     """Decode what the model generates after each prompt (prompt tokens removed).
 
     Prompts are left-padded so that generation starts right after each prompt's last token;
@@ -131,12 +144,21 @@ def generate_continuations(model, tokenizer, prompts: list[str], batch_size: int
     pad_id = pad_token_id(tokenizer)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p)[-max_prompt_length:] for p in prompts[start:start + batch_size]]
+        encoded = [
+            encode_prompt(tokenizer, p)[-max_prompt_length:] for p in prompts[start : start + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad_id,
-                                   eos_token_id=tokenizer.eos_token_id, **settings)
+        attention = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+        )
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **settings,
+        )
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outputs
@@ -155,12 +177,13 @@ class CausalLMTask(Task):
 
     def tokenize(self, dataset, tokenizer, max_length: int):
         def fn(batch):
-            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             encoded = [encode_prompt_target(tokenizer, *self.prompt_and_target(r), max_length) for r in rows]
             return {k: [e[k] for e in encoded] for k in ("input_ids", "attention_mask", "labels")}
 
-        return dataset.map(fn, batched=True, remove_columns=dataset.column_names,
-                           desc=f"tokenize {self.name}")
+        return dataset.map(
+            fn, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {self.name}"
+        )
 
 
 # -- E2E NLG ------------------------------------------------------------------------------
@@ -208,12 +231,15 @@ class E2ENLGTask(CausalLMTask):
         hub_id = self.params.get("hub_id", E2E_HUB_ID)
         revision = self.params.get("hub_revision", PARQUET_EXPORT)
         eval_split = resolve_eval_split(self, "validation")
-        splits = load_raw_splits(self, hub_id, self.params.get("hub_subset"),
-                                  {"train": "train", "eval": eval_split}, revision)
+        splits = load_raw_splits(
+            self, hub_id, self.params.get("hub_subset"), {"train": "train", "eval": eval_split}, revision
+        )
         columns = set(splits["train"].column_names)
         if "meaning_representation" not in columns or not columns & {"human_reference", "target"}:
-            raise TaskConfigError(f"task {self.name!r}: E2E data needs meaning_representation and "
-                                  f"human_reference or target columns, got {sorted(columns)}")
+            raise TaskConfigError(
+                f"task {self.name!r}: E2E data needs meaning_representation and "
+                f"human_reference or target columns, got {sorted(columns)}"
+            )
         return splits
 
     def prompt_and_target(self, row):
@@ -225,9 +251,13 @@ class E2ENLGTask(CausalLMTask):
         mrs, references = e2e_references_by_mr(list(eval_raw))
         template = self.params.get("prompt_template", "{mr} ||")
         predictions = generate_continuations(
-            model, tokenizer, [template.format(mr=mr) for mr in mrs], batch_size,
+            model,
+            tokenizer,
+            [template.format(mr=mr) for mr in mrs],
+            batch_size,
             generation_kwargs(generation, self.default_generation),
-            self.params.get("max_prompt_length", 256))
+            self.params.get("max_prompt_length", 256),
+        )
         return {
             "bleu": metrics.bleu_score(predictions, references),
             "nist": metrics.nist_score(predictions, references),
@@ -243,7 +273,7 @@ WIKITEXT_HUB_ID = "Salesforce/wikitext"
 
 def token_blocks(token_ids: list[int], block_size: int, keep_last: bool) -> list[list[int]]:
     """Cut a token stream into consecutive blocks; the short tail is kept only if asked."""
-    blocks = [token_ids[i:i + block_size] for i in range(0, len(token_ids), block_size)]
+    blocks = [token_ids[i : i + block_size] for i in range(0, len(token_ids), block_size)]
     if blocks and not keep_last and len(blocks[-1]) < block_size:
         blocks.pop()
     return [b for b in blocks if len(b) > 1]
@@ -262,8 +292,11 @@ def causal_lm_nll(model, dataset, collator, batch_size: int) -> tuple[float, int
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=-100, reduction="sum")
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         total += float(loss)
         count += int((shift_labels != -100).sum())
     return total, count
@@ -291,11 +324,13 @@ class WikiTextTask(CausalLMTask):
         hub_id = self.params.get("hub_id", WIKITEXT_HUB_ID)
         subset = self.params.get("hub_subset", "wikitext-2-raw-v1")
         eval_split = resolve_eval_split(self, "test")
-        splits = load_raw_splits(self, hub_id, subset, {"train": "train", "eval": eval_split},
-                                  self.params.get("hub_revision"))
+        splits = load_raw_splits(
+            self, hub_id, subset, {"train": "train", "eval": eval_split}, self.params.get("hub_revision")
+        )
         if "text" not in splits["train"].column_names:
-            raise TaskConfigError(f"task {self.name!r}: WikiText data needs a text column, "
-                                  f"got {splits['train'].column_names}")
+            raise TaskConfigError(
+                f"task {self.name!r}: WikiText data needs a text column, got {splits['train'].column_names}"
+            )
         return splits
 
     def tokenize(self, dataset, tokenizer, max_length: int):
@@ -306,12 +341,14 @@ class WikiTextTask(CausalLMTask):
         blocks = token_blocks(ids, max_length, keep_last=True)
         if not blocks:
             raise ValueError(f"task {self.name!r}: the text has fewer than two tokens")
-        return datasets.Dataset.from_dict({"input_ids": blocks,
-                                           "attention_mask": [[1] * len(b) for b in blocks],
-                                           "labels": blocks})
+        return datasets.Dataset.from_dict(
+            {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks}
+        )
 
     def evaluate(self, model, tokenizer, eval_raw, eval_tokenized, batch_size, generation=None):
         total, count = causal_lm_nll(model, eval_tokenized, self.data_collator(tokenizer), batch_size)
-        return {"perplexity": metrics.perplexity(total, count), "eval_nll": total / count,
-                "eval_tokens": float(count)}
-
+        return {
+            "perplexity": metrics.perplexity(total, count),
+            "eval_nll": total / count,
+            "eval_tokens": float(count),
+        }

@@ -1,4 +1,5 @@
 """GLUE (nyu-mll/glue): the eight tasks of the LaMDA paper's NLU table, with official metrics."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -89,8 +90,11 @@ class GlueTask(Task):
 
     def load_splits(self):
         if self.subset == "mnli":
-            splits = {"train": "train", "eval": "validation_matched",
-                      "eval_mismatched": "validation_mismatched"}
+            splits = {
+                "train": "train",
+                "eval": "validation_matched",
+                "eval_mismatched": "validation_mismatched",
+            }
         else:
             splits = {"train": "train", "eval": "validation"}
         return load_raw_splits(self, GLUE_HUB_ID, self.subset, splits)
@@ -104,11 +108,19 @@ class GlueTask(Task):
             enc["labels"] = [float(x) for x in batch["label"]] if regression else batch["label"]
             return enc
 
-        return dataset.map(fn, batched=True, remove_columns=dataset.column_names,
-                           desc=f"tokenize {self.name}")
+        return dataset.map(
+            fn, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {self.name}"
+        )
 
-    def evaluate(self, model, tokenizer, eval_raw, eval_tokenized, batch_size: int,
-                 generation: dict[str, Any] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        eval_raw,
+        eval_tokenized,
+        batch_size: int,
+        generation: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
         from transformers import DataCollatorWithPadding
 
         logits = predict_logits(model, eval_tokenized, DataCollatorWithPadding(tokenizer), batch_size)

@@ -16,6 +16,7 @@ can be pinned in tests:
 Scales: ROUGE and BLEU are reported on 0-100 (the scale summarization and E2E papers use),
 NIST on its own scale, exact match on 0-1 like accuracy.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,16 +41,17 @@ def split_sentences(text: str) -> list[str]:
 
 def _check_pairs(predictions: Sequence, references: Sequence, what: str) -> None:
     if len(predictions) != len(references):
-        raise ValueError(
-            f"{what}: {len(predictions)} predictions but {len(references)} references"
-        )
+        raise ValueError(f"{what}: {len(predictions)} predictions but {len(references)} references")
     if len(predictions) == 0:
         raise ValueError(f"{what}: no predictions to score")
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-                 rouge_types: Iterable[str] = ROUGE_TYPES, use_stemmer: bool = True
-                 ) -> dict[str, float]:
+def rouge_scores(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    rouge_types: Iterable[str] = ROUGE_TYPES,
+    use_stemmer: bool = True,
+) -> dict[str, float]:
     """Mean per-example ROUGE F-measure (0-100) for each type in ``rouge_types``.
 
     A reference may be a string or a list of strings; with several references an example
@@ -65,7 +67,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str | Sequence
     _check_pairs(predictions, references, "rouge_scores")
     scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
     totals = dict.fromkeys(rouge_types, 0.0)
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         refs = [reference] if isinstance(reference, str) else list(reference)
         if not refs:
             raise ValueError("rouge_scores: an example has no reference")
@@ -97,8 +99,7 @@ def bleu_score(predictions: Sequence[str], references: Sequence[str | Sequence[s
     return float(result.score)
 
 
-def nist_score(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-               n: int = 5) -> float:
+def nist_score(predictions: Sequence[str], references: Sequence[str | Sequence[str]], n: int = 5) -> float:
     """Corpus NIST (nltk) on lowercased sacrebleu-13a tokens."""
     from nltk.translate.nist_score import corpus_nist
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -173,7 +174,7 @@ def gsm8k_exact_match(predictions: Sequence[str], references: Sequence[str]) -> 
     """Fraction (0-1) of predictions whose extracted final number equals the reference's."""
     _check_pairs(predictions, references, "gsm8k_exact_match")
     hits = 0
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         gold = extract_final_number(reference)
         if gold is None:
             raise ValueError(f"reference has no final number: {reference[-80:]!r}")

@@ -6,12 +6,16 @@ Evaluation: greedy decoding (unless ``generation`` says otherwise), then exact m
 final number (``metrics.extract_final_number``: the number after the last "####", else the
 last number in the text; thousands separators removed; compared as decimal numbers).
 """
+
 from __future__ import annotations
 
 from lamda_repro.tasks import metrics
 from lamda_repro.tasks.base import TaskConfigError, load_raw_splits, register_task
 from lamda_repro.tasks.generation import (
-    HUB_PARAMS_SCHEMA, CausalLMTask, generate_continuations, generation_kwargs,
+    HUB_PARAMS_SCHEMA,
+    CausalLMTask,
+    generate_continuations,
+    generation_kwargs,
     resolve_eval_split,
 )
 
@@ -36,14 +40,20 @@ class GSM8KTask(CausalLMTask):
 
     def load_splits(self):
         eval_split = resolve_eval_split(self, "test")
-        splits = load_raw_splits(self, self.params.get("hub_id", GSM8K_HUB_ID),
-                                  self.params.get("hub_subset", "main"),
-                                  {"train": "train", "eval": eval_split}, self.params.get("hub_revision"))
+        splits = load_raw_splits(
+            self,
+            self.params.get("hub_id", GSM8K_HUB_ID),
+            self.params.get("hub_subset", "main"),
+            {"train": "train", "eval": eval_split},
+            self.params.get("hub_revision"),
+        )
         for name, ds in splits.items():
             missing = {"question", "answer"} - set(ds.column_names)
             if missing:
-                raise TaskConfigError(f"task {self.name!r}: {name} split lacks column(s) "
-                                      f"{sorted(missing)} (has {ds.column_names})")
+                raise TaskConfigError(
+                    f"task {self.name!r}: {name} split lacks column(s) "
+                    f"{sorted(missing)} (has {ds.column_names})"
+                )
         return splits
 
     def prompt(self, question: str) -> str:
@@ -56,9 +66,13 @@ class GSM8KTask(CausalLMTask):
         questions = list(eval_raw["question"])
         answers = list(eval_raw["answer"])
         predictions = generate_continuations(
-            model, tokenizer, [self.prompt(q) for q in questions], batch_size,
+            model,
+            tokenizer,
+            [self.prompt(q) for q in questions],
+            batch_size,
             generation_kwargs(generation, self.default_generation),
-            self.params.get("max_prompt_length", 384))
+            self.params.get("max_prompt_length", 384),
+        )
         extracted = [metrics.extract_final_number(p) for p in predictions]
         return {
             "exact_match": metrics.gsm8k_exact_match(predictions, answers),

@@ -4,6 +4,7 @@ Each generator returns rows in the schema of the Hub data set it stands in for, 
 code reads them exactly as it reads Hub data (``datasets.load_dataset("json", ...)``).
 Generators are pure functions of (n_train, n_eval, seed, options).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,13 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def write_dataset(entry: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Generate a data set from its config entry and write one JSONL per split."""
-    rows = generate(entry["generator"], entry.get("n_train", 256), entry.get("n_eval", 64),
-                    entry.get("seed", 0), entry.get("options", {}))
+    rows = generate(
+        entry["generator"],
+        entry.get("n_train", 256),
+        entry.get("n_eval", 64),
+        entry.get("seed", 0),
+        entry.get("options", {}),
+    )
     out = {}
     for split, split_rows in rows.items():
         path = Path(out_dir) / f"{split}.jsonl"
@@ -74,14 +80,64 @@ def dataset_files(workdir: str, name: str, splits=("train", "validation")) -> di
 
 # -- NLU generators ------------------------------------------------------------------------
 
-_POS = ["good", "great", "wonderful", "delightful", "superb", "charming", "moving", "clever",
-        "brilliant", "enjoyable", "fresh", "beautiful", "funny", "warm", "gripping"]
-_NEG = ["bad", "awful", "dull", "boring", "clumsy", "tedious", "weak", "messy", "bland",
-        "painful", "stale", "ugly", "lifeless", "annoying", "forgettable"]
-_SUBJ = ["the film", "this movie", "the story", "the acting", "the script", "the ending",
-         "the soundtrack", "the cast", "the direction", "the dialogue", "the plot", "the finale"]
-_FILLER = ["honestly", "overall", "to be fair", "from start to finish", "in the end",
-           "as expected", "for the most part", "at times"]
+_POS = [
+    "good",
+    "great",
+    "wonderful",
+    "delightful",
+    "superb",
+    "charming",
+    "moving",
+    "clever",
+    "brilliant",
+    "enjoyable",
+    "fresh",
+    "beautiful",
+    "funny",
+    "warm",
+    "gripping",
+]
+_NEG = [
+    "bad",
+    "awful",
+    "dull",
+    "boring",
+    "clumsy",
+    "tedious",
+    "weak",
+    "messy",
+    "bland",
+    "painful",
+    "stale",
+    "ugly",
+    "lifeless",
+    "annoying",
+    "forgettable",
+]
+_SUBJ = [
+    "the film",
+    "this movie",
+    "the story",
+    "the acting",
+    "the script",
+    "the ending",
+    "the soundtrack",
+    "the cast",
+    "the direction",
+    "the dialogue",
+    "the plot",
+    "the finale",
+]
+_FILLER = [
+    "honestly",
+    "overall",
+    "to be fair",
+    "from start to finish",
+    "in the end",
+    "as expected",
+    "for the most part",
+    "at times",
+]
 
 
 def _sentiment_row(rng: random.Random, idx: int) -> dict[str, Any]:
@@ -101,8 +157,11 @@ def _sentiment_row(rng: random.Random, idx: int) -> dict[str, Any]:
     if rng.random() < 0.5:
         parts.insert(0, rng.choice(_FILLER) + ",")
     if rng.random() < 0.4:
-        parts.append(f"and {rng.choice(_SUBJ)} is {rng.choice(words)} too" if not negate
-                     else f"though {rng.choice(_SUBJ)} is fine")
+        parts.append(
+            f"and {rng.choice(_SUBJ)} is {rng.choice(words)} too"
+            if not negate
+            else f"though {rng.choice(_SUBJ)} is fine"
+        )
     return {"sentence": " ".join(parts), "label": label, "idx": idx}
 
 
@@ -115,18 +174,62 @@ def sentiment(n_train: int, n_eval: int, seed: int = 0) -> Rows:
     return {"train": rows[:n_train], "validation": rows[n_train:]}
 
 
-_NOUNS = ["cat", "dog", "child", "teacher", "farmer", "pilot", "doctor", "bird", "horse",
-          "artist", "baker", "sailor", "student", "singer", "writer", "runner"]
-_VERBS = ["watches", "follows", "paints", "helps", "feeds", "greets", "visits", "finds",
-          "carries", "draws", "calls", "meets"]
-_PLACES = ["in the park", "near the river", "at the market", "on the hill", "in the kitchen",
-           "by the sea", "at school", "in the garden", "on the road", "at home"]
+_NOUNS = [
+    "cat",
+    "dog",
+    "child",
+    "teacher",
+    "farmer",
+    "pilot",
+    "doctor",
+    "bird",
+    "horse",
+    "artist",
+    "baker",
+    "sailor",
+    "student",
+    "singer",
+    "writer",
+    "runner",
+]
+_VERBS = [
+    "watches",
+    "follows",
+    "paints",
+    "helps",
+    "feeds",
+    "greets",
+    "visits",
+    "finds",
+    "carries",
+    "draws",
+    "calls",
+    "meets",
+]
+_PLACES = [
+    "in the park",
+    "near the river",
+    "at the market",
+    "on the hill",
+    "in the kitchen",
+    "by the sea",
+    "at school",
+    "in the garden",
+    "on the road",
+    "at home",
+]
 _ADJS = ["old", "young", "tall", "quiet", "happy", "tired", "small", "busy"]
 
 
 def _sim_sentence(rng: random.Random) -> list[str]:
-    return [rng.choice(_ADJS), rng.choice(_NOUNS), rng.choice(_VERBS), rng.choice(_ADJS),
-            rng.choice(_NOUNS), rng.choice(_PLACES)]
+    return [
+        rng.choice(_ADJS),
+        rng.choice(_NOUNS),
+        rng.choice(_VERBS),
+        rng.choice(_ADJS),
+        rng.choice(_NOUNS),
+        rng.choice(_PLACES),
+    ]
 
 
 @register_generator("similarity")
@@ -145,8 +248,11 @@ def similarity(n_train: int, n_eval: int, seed: int = 0) -> Rows:
         for slot in rng.sample(range(6), k):
             choices = [w for w in pools[slot] if w != s1[slot]]
             s2[slot] = rng.choice(choices)
+
         def fmt(s):
             return f"the {s[0]} {s[1]} {s[2]} the {s[3]} {s[4]} {s[5]}"
-        rows.append({"sentence1": fmt(s1), "sentence2": fmt(s2),
-                     "label": round(5.0 * (1 - k / 6), 4), "idx": i})
+
+        rows.append(
+            {"sentence1": fmt(s1), "sentence2": fmt(s2), "label": round(5.0 * (1 - k / 6), 4), "idx": i}
+        )
     return {"train": rows[:n_train], "validation": rows[n_train:]}

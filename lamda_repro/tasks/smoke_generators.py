@@ -7,6 +7,7 @@ that are a deterministic function of the input. Text is lowercase without apostr
 hyphens so that the smoke models' word-level tokenizer decodes it back to the same tokens
 the metrics see.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,16 +23,38 @@ def _check_sizes(n_train: int, n_eval: int) -> None:
 
 # -- summarization (XSum / CNN-DailyMail schema) --------------------------------------------
 
-_NAMES = ["anna", "boris", "carla", "david", "elena", "farid", "greta", "hugo", "irene", "jonas",
-          "katya", "leon", "maria", "nikos", "olga", "pavel"]
-_ROLES = ["mayor", "coach", "singer", "doctor", "teacher", "judge", "chef", "pilot", "author",
-          "captain"]
+_NAMES = [
+    "anna",
+    "boris",
+    "carla",
+    "david",
+    "elena",
+    "farid",
+    "greta",
+    "hugo",
+    "irene",
+    "jonas",
+    "katya",
+    "leon",
+    "maria",
+    "nikos",
+    "olga",
+    "pavel",
+]
+_ROLES = ["mayor", "coach", "singer", "doctor", "teacher", "judge", "chef", "pilot", "author", "captain"]
 _TOWNS = ["leeds", "bristol", "york", "derby", "bath", "hull", "luton", "exeter", "dover", "ely"]
-_ACTIONS = [("opened", "a new library"), ("won", "the regional prize"), ("closed", "the old bridge"),
-            ("launched", "a charity appeal"), ("sold", "the family farm"),
-            ("signed", "a new contract"), ("visited", "the flood zone"),
-            ("announced", "a surprise retirement"), ("rescued", "a stranded dog"),
-            ("painted", "a huge mural")]
+_ACTIONS = [
+    ("opened", "a new library"),
+    ("won", "the regional prize"),
+    ("closed", "the old bridge"),
+    ("launched", "a charity appeal"),
+    ("sold", "the family farm"),
+    ("signed", "a new contract"),
+    ("visited", "the flood zone"),
+    ("announced", "a surprise retirement"),
+    ("rescued", "a stranded dog"),
+    ("painted", "a huge mural"),
+]
 _VENUES = ["town hall", "city stadium", "harbour", "market square", "county court", "museum"]
 _DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _FILLERS = [
@@ -71,8 +94,9 @@ def _summary_example(rng: random.Random, n_fillers: int) -> tuple[str, str, str]
 
 
 @register_generator("summary_pairs")
-def summary_pairs(n_train: int, n_eval: int, seed: int = 0, schema: str = "xsum",
-                  min_fillers: int = 3, max_fillers: int = 5) -> Rows:
+def summary_pairs(
+    n_train: int, n_eval: int, seed: int = 0, schema: str = "xsum", min_fillers: int = 3, max_fillers: int = 5
+) -> Rows:
     """Templated news documents; the summary restates the one sentence that names a person.
 
     ``schema: xsum`` gives document / summary / id; ``schema: cnn_dailymail`` gives article /
@@ -82,7 +106,9 @@ def summary_pairs(n_train: int, n_eval: int, seed: int = 0, schema: str = "xsum"
     if schema not in ("xsum", "cnn_dailymail"):
         raise ValueError(f"summary_pairs: schema must be xsum or cnn_dailymail, got {schema!r}")
     if not 0 <= min_fillers <= max_fillers:
-        raise ValueError(f"summary_pairs: need 0 <= min_fillers <= max_fillers, got {min_fillers}, {max_fillers}")
+        raise ValueError(
+            f"summary_pairs: need 0 <= min_fillers <= max_fillers, got {min_fillers}, {max_fillers}"
+        )
     rng = random.Random(seed)
     rows = []
     for i in range(n_train + n_eval):
@@ -97,8 +123,20 @@ def summary_pairs(n_train: int, n_eval: int, seed: int = 0, schema: str = "xsum"
 # -- E2E NLG (meaning representation -> text) ----------------------------------------------
 
 _E2E_VALUES = {
-    "name": ["the eagle", "the mill", "blue spice", "the punter", "green man", "the wrestlers",
-             "aromi", "zizzi", "fitzbillies", "the vaults", "loch fyne", "cocum"],
+    "name": [
+        "the eagle",
+        "the mill",
+        "blue spice",
+        "the punter",
+        "green man",
+        "the wrestlers",
+        "aromi",
+        "zizzi",
+        "fitzbillies",
+        "the vaults",
+        "loch fyne",
+        "cocum",
+    ],
     "eatType": ["restaurant", "coffee shop", "pub"],
     "food": ["french", "italian", "chinese", "indian", "english", "japanese"],
     "priceRange": ["cheap", "moderate", "high"],
@@ -111,8 +149,9 @@ _E2E_OPTIONAL = ["priceRange", "customer rating", "area", "familyFriendly", "nea
 
 
 def _e2e_mr(rng: random.Random) -> dict[str, str]:
-    slots = ["name", "eatType", "food"] + sorted(rng.sample(_E2E_OPTIONAL, rng.randint(1, 3)),
-                                                 key=_E2E_OPTIONAL.index)
+    slots = ["name", "eatType", "food"] + sorted(
+        rng.sample(_E2E_OPTIONAL, rng.randint(1, 3)), key=_E2E_OPTIONAL.index
+    )
     return {s: rng.choice(_E2E_VALUES[s]) for s in slots}
 
 
@@ -124,18 +163,30 @@ def format_mr(mr: dict[str, str]) -> str:
 def _e2e_extras(mr: dict[str, str], style: int) -> list[str]:
     out = []
     if "priceRange" in mr:
-        out.append([f"it has {mr['priceRange']} prices .",
-                    f"prices are {mr['priceRange']} .",
-                    f"it is {mr['priceRange']} ."][style])
+        out.append(
+            [
+                f"it has {mr['priceRange']} prices .",
+                f"prices are {mr['priceRange']} .",
+                f"it is {mr['priceRange']} .",
+            ][style]
+        )
     if "customer rating" in mr:
-        out.append([f"it has a {mr['customer rating']} customer rating .",
-                    f"customers rate it {mr['customer rating']} .",
-                    f"its rating is {mr['customer rating']} ."][style])
+        out.append(
+            [
+                f"it has a {mr['customer rating']} customer rating .",
+                f"customers rate it {mr['customer rating']} .",
+                f"its rating is {mr['customer rating']} .",
+            ][style]
+        )
     if "familyFriendly" in mr:
         friendly = mr["familyFriendly"] == "yes"
-        out.append([f"it is {'' if friendly else 'not '}family friendly .",
-                    f"children are {'welcome' if friendly else 'not welcome'} .",
-                    f"it is {'good' if friendly else 'not good'} for families ."][style])
+        out.append(
+            [
+                f"it is {'' if friendly else 'not '}family friendly .",
+                f"children are {'welcome' if friendly else 'not welcome'} .",
+                f"it is {'good' if friendly else 'not good'} for families .",
+            ][style]
+        )
     return out
 
 
@@ -143,15 +194,16 @@ def realize_mr(mr: dict[str, str], style: int) -> str:
     """One of three templated realizations (style 0, 1, 2) of an MR."""
     where = f" in the {mr['area']} area" if "area" in mr else ""
     near = f" near {mr['near']}" if "near" in mr else ""
-    first = [f"{mr['name']} is a {mr['food']} {mr['eatType']}{where}{near} .",
-             f"there is a {mr['food']} {mr['eatType']} called {mr['name']}{where}{near} .",
-             f"{mr['name']} serves {mr['food']} food{where}{near} ; it is a {mr['eatType']} ."][style]
+    first = [
+        f"{mr['name']} is a {mr['food']} {mr['eatType']}{where}{near} .",
+        f"there is a {mr['food']} {mr['eatType']} called {mr['name']}{where}{near} .",
+        f"{mr['name']} serves {mr['food']} food{where}{near} ; it is a {mr['eatType']} .",
+    ][style]
     return " ".join([first] + _e2e_extras(mr, style))
 
 
 @register_generator("e2e_records")
-def e2e_records(n_train: int, n_eval: int, seed: int = 0, refs_per_mr: int = 3,
-                schema: str = "e2e") -> Rows:
+def e2e_records(n_train: int, n_eval: int, seed: int = 0, refs_per_mr: int = 3, schema: str = "e2e") -> Rows:
     """Restaurant MRs with ``refs_per_mr`` templated references each (E2E schema).
 
     n_train / n_eval count rows; with ``schema: e2e`` (tuetschek/e2e_nlg) each row is one
@@ -181,8 +233,15 @@ def e2e_records(n_train: int, n_eval: int, seed: int = 0, refs_per_mr: int = 3,
                     rows.append({"meaning_representation": text, "human_reference": ref})
                 else:
                     gem_id = f"e2e_nlg-{split}-{len(rows)}"
-                    rows.append({"gem_id": gem_id, "gem_parent_id": gem_id, "meaning_representation": text,
-                                 "target": ref, "references": refs})
+                    rows.append(
+                        {
+                            "gem_id": gem_id,
+                            "gem_parent_id": gem_id,
+                            "meaning_representation": text,
+                            "target": ref,
+                            "references": refs,
+                        }
+                    )
         return rows
 
     return {"train": split_rows(n_train, "train"), "validation": split_rows(n_eval, "validation")}
@@ -190,10 +249,18 @@ def e2e_records(n_train: int, n_eval: int, seed: int = 0, refs_per_mr: int = 3,
 
 # -- WikiText-style corpus -----------------------------------------------------------------
 
-_ANIMALS = {"otter": ("river", "fish"), "badger": ("forest", "worms"), "puffin": ("cliffs", "sand eels"),
-            "hare": ("meadow", "grass"), "heron": ("marsh", "frogs"), "squirrel": ("woodland", "nuts"),
-            "fox": ("hedgerow", "rabbits"), "seal": ("coast", "cod"), "owl": ("barn", "mice"),
-            "deer": ("valley", "leaves")}
+_ANIMALS = {
+    "otter": ("river", "fish"),
+    "badger": ("forest", "worms"),
+    "puffin": ("cliffs", "sand eels"),
+    "hare": ("meadow", "grass"),
+    "heron": ("marsh", "frogs"),
+    "squirrel": ("woodland", "nuts"),
+    "fox": ("hedgerow", "rabbits"),
+    "seal": ("coast", "cod"),
+    "owl": ("barn", "mice"),
+    "deer": ("valley", "leaves"),
+}
 _SEASONS = ["spring", "summer", "autumn", "winter"]
 
 
@@ -243,22 +310,32 @@ def _problem(rng: random.Random, max_operand: int, ops: str) -> tuple[str, str]:
     person, item, op = rng.choice(_PEOPLE), rng.choice(_ITEMS), rng.choice(ops)
     a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     if op == "+":
-        question = f"{person} has {a} {item} . {person} gets {b} more {item} . how many {item} does {person} have now ?"
+        question = (
+            f"{person} has {a} {item} . {person} gets {b} more {item} . "
+            f"how many {item} does {person} have now ?"
+        )
         result = a + b
     elif op == "-":
         a, b = max(a, b), min(a, b)
-        question = f"{person} has {a} {item} . {person} gives away {b} {item} . how many {item} does {person} have left ?"
+        question = (
+            f"{person} has {a} {item} . {person} gives away {b} {item} . "
+            f"how many {item} does {person} have left ?"
+        )
         result = a - b
     else:
-        question = f"{person} has {a} bags with {b} {item} in each bag . how many {item} does {person} have in total ?"
+        question = (
+            f"{person} has {a} bags with {b} {item} in each bag . "
+            f"how many {item} does {person} have in total ?"
+        )
         result = a * b
     answer = f"{person} has {a} {op} {b} = <<{a}{op}{b}={result}>>{result} {item} .\n#### {result}"
     return question, answer
 
 
 @register_generator("arithmetic_problems")
-def arithmetic_problems(n_train: int, n_eval: int, seed: int = 0, max_operand: int = 9,
-                        ops: str = "+-") -> Rows:
+def arithmetic_problems(
+    n_train: int, n_eval: int, seed: int = 0, max_operand: int = 9, ops: str = "+-"
+) -> Rows:
     """One-step word problems with a numeric answer in GSM8K format (question, answer "... #### n")."""
     _check_sizes(n_train, n_eval)
     if max_operand < 1:
@@ -266,6 +343,8 @@ def arithmetic_problems(n_train: int, n_eval: int, seed: int = 0, max_operand: i
     if not ops or set(ops) - set("+-*"):
         raise ValueError(f"arithmetic_problems: ops must be a non-empty string of + - *, got {ops!r}")
     rng = random.Random(seed)
-    rows = [dict(zip(("question", "answer"), _problem(rng, max_operand, ops)))
-            for _ in range(n_train + n_eval)]
+    rows = [
+        dict(zip(("question", "answer"), _problem(rng, max_operand, ops), strict=True))
+        for _ in range(n_train + n_eval)
+    ]
     return {"train": rows[:n_train], "validation": rows[n_train:]}

@@ -8,6 +8,7 @@ evaluation generates with the config's ``generation`` settings (beam search: num
 max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping) and scores ROUGE-1/2/L/Lsum
 as the mean of per-example F-measures (deterministic; see ``metrics.rouge_scores``).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -17,13 +18,17 @@ import torch
 from lamda_repro.tasks import metrics
 from lamda_repro.tasks.base import Task, TaskConfigError, load_raw_splits, register_task
 from lamda_repro.tasks.generation import (
-    HUB_PARAMS_SCHEMA, generation_kwargs, model_device, resolve_eval_split,
+    HUB_PARAMS_SCHEMA,
+    generation_kwargs,
+    model_device,
+    resolve_eval_split,
 )
 
 
 @torch.no_grad()
-def generate_summaries(model, tokenizer, encoded_sources, batch_size: int,
-                       settings: dict[str, Any]) -> list[str]:
+def generate_summaries(
+    model, tokenizer, encoded_sources, batch_size: int, settings: dict[str, Any]
+) -> list[str]:
     """One summary per tokenized source (rows with input_ids), from an encoder-decoder model.
 
     Generating from the tokenized eval split keeps the source truncation identical to training.
@@ -32,11 +37,11 @@ def generate_summaries(model, tokenizer, encoded_sources, batch_size: int,
     device = model_device(model)
     summaries: list[str] = []
     for start in range(0, len(encoded_sources), batch_size):
-        rows = encoded_sources[start:start + batch_size]
+        rows = encoded_sources[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": rows["input_ids"]}, return_tensors="pt")
-        generated = model.generate(input_ids=enc["input_ids"].to(device),
-                                   attention_mask=enc["attention_mask"].to(device),
-                                   **settings)
+        generated = model.generate(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **settings
+        )
         summaries.extend(t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True))
     return summaries
 
@@ -64,13 +69,19 @@ class SummarizationTask(Task):
     def load_splits(self):
         eval_split = resolve_eval_split(self, "validation")
         splits = load_raw_splits(
-            self, self.params.get("hub_id", self.hub_id), self.params.get("hub_subset", self.hub_subset),
-            {"train": "train", "eval": eval_split}, self.params.get("hub_revision"))
+            self,
+            self.params.get("hub_id", self.hub_id),
+            self.params.get("hub_subset", self.hub_subset),
+            {"train": "train", "eval": eval_split},
+            self.params.get("hub_revision"),
+        )
         for name, ds in splits.items():
             missing = {self.source_column, self.target_column} - set(ds.column_names)
             if missing:
-                raise TaskConfigError(f"task {self.name!r}: {name} split lacks column(s) "
-                                      f"{sorted(missing)} (has {ds.column_names})")
+                raise TaskConfigError(
+                    f"task {self.name!r}: {name} split lacks column(s) "
+                    f"{sorted(missing)} (has {ds.column_names})"
+                )
         return splits
 
     def tokenize(self, dataset, tokenizer, max_length: int):
@@ -80,12 +91,14 @@ class SummarizationTask(Task):
 
         def fn(batch):
             enc = tokenizer(batch[src], max_length=source_length, truncation=True)
-            enc["labels"] = tokenizer(text_target=batch[tgt], max_length=target_length,
-                                      truncation=True)["input_ids"]
+            enc["labels"] = tokenizer(text_target=batch[tgt], max_length=target_length, truncation=True)[
+                "input_ids"
+            ]
             return enc
 
-        return dataset.map(fn, batched=True, remove_columns=dataset.column_names,
-                           desc=f"tokenize {self.name}")
+        return dataset.map(
+            fn, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {self.name}"
+        )
 
     def data_collator(self, tokenizer, model=None):
         from transformers import DataCollatorForSeq2Seq

@@ -10,6 +10,7 @@ clamped to [r_min, r_max] and rounded to integers without exceeding the budget.
 Budgets: 'square' (LaMDA's S path, sum r_l^2 = N r0^2) or 'linear' (sum r_l = N r0, the LoRA
 parameter budget when all modules have the same shape).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,9 +66,16 @@ def captured_energy(spectrum: Spectrum, r: int) -> float:
     return min(1.0, float(energy[:r].sum()) / total)
 
 
-def allocate_ranks(spectra: Mapping[str, Spectrum], r0: int, *, r_min: int = 1,
-                   r_max: Optional[int] = None, direction: str = "less_energy_more_rank",
-                   budget: str = "square", total_budget: Optional[float] = None) -> dict[str, int]:
+def allocate_ranks(
+    spectra: Mapping[str, Spectrum],
+    r0: int,
+    *,
+    r_min: int = 1,
+    r_max: Optional[int] = None,
+    direction: str = "less_energy_more_rank",
+    budget: str = "square",
+    total_budget: Optional[float] = None,
+) -> dict[str, int]:
     """Per-module ranks from singular values, deterministic and within the uniform-r0 budget.
 
     ``spectra`` maps module names to singular values of the pretrained weight (all of them, or a
@@ -91,7 +99,7 @@ def allocate_ranks(spectra: Mapping[str, Spectrum], r0: int, *, r_min: int = 1,
     power = 2 if budget == "square" else 1
     caps = {n: min(r_max, _max_rank(spectra[n])) for n in names}
     floors = {n: min(r_min, caps[n]) for n in names}
-    limit = float(total_budget) if total_budget is not None else len(names) * r0 ** power
+    limit = float(total_budget) if total_budget is not None else len(names) * r0**power
     if sum(floors[n] ** power for n in names) > limit + 1e-9:
         raise RankAllocationError(f"r_min={r_min} for {len(names)} modules exceeds the budget {limit:g}")
 
@@ -107,7 +115,7 @@ def allocate_ranks(spectra: Mapping[str, Spectrum], r0: int, *, r_min: int = 1,
         return {n: min(caps[n], max(floors[n], c * shares[n])) for n in names}
 
     def cost(ranks: Mapping[str, float]) -> float:
-        return sum(v ** power for v in ranks.values())
+        return sum(v**power for v in ranks.values())
 
     low, high = 0.0, 1.0
     while cost(ranks_at(high)) < limit and high < 1e12 and any(ranks_at(high)[n] < caps[n] for n in names):
@@ -135,8 +143,9 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def weight_spectra(model: nn.Module, target_modules: Iterable[str] | str, top_k: Optional[int] = None,
-                   niter: int = 4) -> dict[str, Spectrum]:
+def weight_spectra(
+    model: nn.Module, target_modules: Iterable[str] | str, top_k: Optional[int] = None, niter: int = 4
+) -> dict[str, Spectrum]:
     """Singular values of every targeted nn.Linear weight, keyed by module name (fp32).
 
     ``top_k=None``: all singular values (exact). Otherwise a TruncatedSpectrum with the ``top_k``
@@ -158,14 +167,17 @@ def weight_spectra(model: nn.Module, target_modules: Iterable[str] | str, top_k:
                 torch.manual_seed(0)  # randomized SVD, but the same result on every call
                 _, sigma, _ = torch.svd_lowrank(weight, q=min(k + 8, bound), niter=niter)
                 torch.random.set_rng_state(generator_state)
-                spectra[name] = TruncatedSpectrum(tuple(sigma[:k].tolist()), float(weight.pow(2).sum()), bound)
+                spectra[name] = TruncatedSpectrum(
+                    tuple(sigma[:k].tolist()), float(weight.pow(2).sum()), bound
+                )
     if not spectra:
         raise RankAllocationError(f"no nn.Linear module matches target_modules={target_modules!r}")
     return spectra
 
 
-def rank_pattern_for_lamdapp(model: nn.Module, target_modules: Iterable[str] | str, r0: int,
-                             **allocation_options) -> dict[str, int]:
+def rank_pattern_for_lamdapp(
+    model: nn.Module, target_modules: Iterable[str] | str, r0: int, **allocation_options
+) -> dict[str, int]:
     """LaMDA++ ranks of a model as a peft ``rank_pattern`` (exact module names as keys).
 
     The same dict can be passed to ``LoraConfig(rank_pattern=...)`` for LoRA baselines.

@@ -1,4 +1,5 @@
 """LamdaConfig: the peft-style configuration of a LaMDA / LaMDA++ adapter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,19 +27,22 @@ class LamdaConfig(PeftConfig):
 
     r: int = field(default=8, metadata={"help": "Rank of the adapter (size of the square matrix S)."})
     lora_alpha: float = field(
-        default=8.0, metadata={"help": "Scaling numerator: the adapter output is multiplied by lora_alpha / r."}
+        default=8.0,
+        metadata={"help": "Scaling numerator: the adapter output is multiplied by lora_alpha / r."},
     )
     lamda_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "Dropout probability on the adapter input. With dropout > 0 autograd keeps a d_in-sized mask, "
+            "help": "Dropout probability on the adapter input. With dropout > 0 autograd keeps a "
+            "d_in-sized mask, "
             "so the activation saving of LaMDA is smallest at 0.0."
         },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Names (suffix match) or a regex of the nn.Linear modules to adapt, e.g. ['query', 'value']. "
+            "help": "Names (suffix match) or a regex of the nn.Linear modules to adapt, e.g. ['query', "
+            "'value']. "
             "None picks peft's LoRA defaults for the model type."
         },
     )
@@ -48,16 +52,19 @@ class LamdaConfig(PeftConfig):
     init: str = field(
         default="svd",
         metadata={
-            "help": "Initialisation. 'svd': A = V_r^T, B = U_r, S = 0 (W unchanged). 'svd_residual': as 'svd' but "
+            "help": "Initialisation. 'svd': A = V_r^T, B = U_r, S = 0 (W unchanged). 'svd_residual': as "
+            "'svd' but "
             "S = Sigma_r / scaling and W <- W - U_r Sigma_r V_r^T. 'svd_lowrank': as 'svd' with a randomized "
-            "truncated SVD (fast on large matrices, approximate). 'reference_code': reproduces the public reference "
+            "truncated SVD (fast on large matrices, approximate). 'reference_code': reproduces the public "
+            "reference "
             "code (A Kaiming-uniform, B = 0, S nn.Linear default init, and its gradient-zeroing freeze rule)."
         },
     )
     freeze_fraction: float = field(
         default=0.3,
         metadata={
-            "help": "Fraction of the optimizer steps over which B is frozen column by column; component k is frozen "
+            "help": "Fraction of the optimizer steps over which B is frozen column by column; component k "
+            "is frozen "
             "from step floor(k * freeze_fraction * total_steps / r). 0 freezes B before the first step."
         },
     )
@@ -74,7 +81,8 @@ class LamdaConfig(PeftConfig):
     rank_pattern: dict = field(
         default_factory=dict,
         metadata={
-            "help": "Per-module ranks, {module name or regex: rank}, as in peft's LoRA (LaMDA++ fills it from "
+            "help": "Per-module ranks, {module name or regex: rank}, as in peft's LoRA (LaMDA++ fills it "
+            "from "
             "allocate_ranks)."
         },
     )
@@ -84,7 +92,8 @@ class LamdaConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={
-            "help": "Modules besides the adapters that are fully trained and saved, e.g. ['classifier'] for a "
+            "help": "Modules besides the adapters that are fully trained and saved, e.g. ['classifier'] "
+            "for a "
             "sequence-classification head."
         },
     )
@@ -99,7 +108,9 @@ class LamdaConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = LAMDA_PEFT_TYPE
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
@@ -112,15 +123,21 @@ class LamdaConfig(PeftConfig):
         if self.init not in INIT_CHOICES:
             raise LamdaConfigError(f"LamdaConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
         if not 0.0 <= float(self.freeze_fraction) <= 1.0:
-            raise LamdaConfigError(f"LamdaConfig.freeze_fraction must be in [0, 1], got {self.freeze_fraction!r}")
+            raise LamdaConfigError(
+                f"LamdaConfig.freeze_fraction must be in [0, 1], got {self.freeze_fraction!r}"
+            )
         if not 0.0 <= float(self.lamda_dropout) < 1.0:
             raise LamdaConfigError(f"LamdaConfig.lamda_dropout must be in [0, 1), got {self.lamda_dropout!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 0):
-            raise LamdaConfigError(f"LamdaConfig.total_steps must be a non-negative integer, got {self.total_steps!r}")
+            raise LamdaConfigError(
+                f"LamdaConfig.total_steps must be a non-negative integer, got {self.total_steps!r}"
+            )
         if self.bias != "none":
             raise LamdaConfigError(f"LamdaConfig.bias must be 'none', got {self.bias!r}")
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
-                raise LamdaConfigError(f"LamdaConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+                raise LamdaConfigError(
+                    f"LamdaConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}"
+                )
         if self.layers_pattern and self.layers_to_transform is None:
             raise LamdaConfigError("LamdaConfig.layers_pattern needs layers_to_transform")

@@ -1,4 +1,5 @@
 """Trainable-parameter counts of LoRA and LaMDA computed from a transformers config (no model built)."""
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional
@@ -21,21 +22,30 @@ def linear_shapes_from_config(config, target_modules: Iterable[str]) -> dict[str
         kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
         inter = config.intermediate_size
         per_layer = {
-            "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv),
-            "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (heads * head_dim, hidden),
-            "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
+            "self_attn.q_proj": (hidden, heads * head_dim),
+            "self_attn.k_proj": (hidden, kv),
+            "self_attn.v_proj": (hidden, kv),
+            "self_attn.o_proj": (heads * head_dim, hidden),
+            "mlp.gate_proj": (hidden, inter),
+            "mlp.up_proj": (hidden, inter),
+            "mlp.down_proj": (inter, hidden),
         }
         prefix = "model.layers"
     elif model_type == "bert":
         inter = config.intermediate_size
         per_layer = {
-            "attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
-            "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
-            "intermediate.dense": (hidden, inter), "output.dense": (inter, hidden),
+            "attention.self.query": (hidden, hidden),
+            "attention.self.key": (hidden, hidden),
+            "attention.self.value": (hidden, hidden),
+            "attention.output.dense": (hidden, hidden),
+            "intermediate.dense": (hidden, inter),
+            "output.dense": (inter, hidden),
         }
         prefix = "bert.encoder.layer"
     else:
-        raise ValueError(f"parameter counts from config support {LLAMA_LIKE + ('bert',)}, got model_type={model_type!r}")
+        raise ValueError(
+            f"parameter counts from config support {LLAMA_LIKE + ('bert',)}, got model_type={model_type!r}"
+        )
     shapes = {}
     for layer in range(config.num_hidden_layers):
         for local, shape in per_layer.items():
@@ -46,14 +56,19 @@ def linear_shapes_from_config(config, target_modules: Iterable[str]) -> dict[str
     return shapes
 
 
-def lora_trainable_count(shapes: Mapping[str, tuple[int, int]], r: int,
-                         ranks: Optional[Mapping[str, int]] = None) -> int:
+def lora_trainable_count(
+    shapes: Mapping[str, tuple[int, int]], r: int, ranks: Optional[Mapping[str, int]] = None
+) -> int:
     """LoRA trains A (r x d_in) and B (d_out x r): r (d_in + d_out) per module."""
     return sum((ranks or {}).get(n, r) * (d_in + d_out) for n, (d_in, d_out) in shapes.items())
 
 
-def lamda_trainable_count(shapes: Mapping[str, tuple[int, int]], r: int, frozen_components: Optional[int] = None,
-                          ranks: Optional[Mapping[str, int]] = None) -> int:
+def lamda_trainable_count(
+    shapes: Mapping[str, tuple[int, int]],
+    r: int,
+    frozen_components: Optional[int] = None,
+    ranks: Optional[Mapping[str, int]] = None,
+) -> int:
     """LaMDA trains S (r x r) always plus the unfrozen columns of B (d_out each).
 
     ``frozen_components=None`` means B fully frozen (only S trains: r^2 per module); 0 means

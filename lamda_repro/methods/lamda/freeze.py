@@ -9,6 +9,7 @@ floor(k * freeze_fraction * T / r) on. Frozen components leave the optimizer (se
 step the gradient of the first t = floor(progress / 0.3) columns is zeroed (t <= 3), and nothing
 else is done, so those columns still move under AdamW momentum and weight decay.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,12 +82,15 @@ class LamdaFreezeController:
     def _resolve_total(self, total_steps: Optional[int]) -> int:
         total = total_steps if total_steps is not None else self.total_steps
         if total is None or total <= 0:
-            raise ValueError("the LaMDA freeze schedule needs the number of optimizer steps (total_steps > 0)")
+            raise ValueError(
+                "the LaMDA freeze schedule needs the number of optimizer steps (total_steps > 0)"
+            )
         self.total_steps = total
         return total
 
-    def freeze_for_step(self, optimizer: Optional[torch.optim.Optimizer], step: int,
-                        total_steps: Optional[int] = None) -> int:
+    def freeze_for_step(
+        self, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None
+    ) -> int:
         """Freeze every component due by ``step``; returns how many became newly frozen."""
         total = self._resolve_total(total_steps)
         newly = 0
@@ -113,8 +117,9 @@ class LamdaFreezeController:
                 if B.grad is not None and t > 0:
                     B.grad[:, :t] = 0
 
-    def before_optimizer_step(self, optimizer: Optional[torch.optim.Optimizer], step: int,
-                              total_steps: Optional[int] = None) -> int:
+    def before_optimizer_step(
+        self, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None
+    ) -> int:
         """Plain-loop entry point: apply both rules for optimizer step ``step``."""
         newly = self.freeze_for_step(optimizer, step, total_steps)
         self.zero_reference_code_gradients(step, total_steps)

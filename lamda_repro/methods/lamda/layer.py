@@ -7,6 +7,7 @@ state of ``lamda_B`` in place, so a frozen component cannot move (no momentum, n
 and keeps no optimizer state. The number of frozen components is the width of
 ``lamda_B_frozen``, so it is saved with the adapter.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,17 +50,23 @@ class LamdaLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # -- creation ----------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LamdaConfig,
-                     inference_mode: bool = False) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, config: LamdaConfig, inference_mode: bool = False
+    ) -> None:
         """Create the adapter ``adapter_name`` on this layer and initialise it from W."""
         max_rank = min(self.in_features, self.out_features)
         if r <= 0 or r > max_rank:
-            raise LamdaConfigError(f"LaMDA rank {r} must be in [1, {max_rank}] for a {self.out_features}x{self.in_features} layer")
+            raise LamdaConfigError(
+                f"LaMDA rank {r} must be in [1, {max_rank}] "
+                f"for a {self.out_features}x{self.in_features} layer"
+            )
         self.r[adapter_name] = r
         self.lamda_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.lamda_init[adapter_name] = config.init
-        self.lamda_dropout[adapter_name] = nn.Dropout(config.lamda_dropout) if config.lamda_dropout > 0 else nn.Identity()
+        self.lamda_dropout[adapter_name] = (
+            nn.Dropout(config.lamda_dropout) if config.lamda_dropout > 0 else nn.Identity()
+        )
 
         weight = self.get_base_weight()
         device = weight.device
@@ -67,7 +74,9 @@ class LamdaLayer(BaseTunerLayer):
         self.lamda_A[adapter_name] = nn.Parameter(A.to(device), requires_grad=False)
         self.lamda_S[adapter_name] = nn.Parameter(S.to(device))
         self.lamda_B[adapter_name] = nn.Parameter(B.to(device))
-        self.lamda_B_frozen[adapter_name] = nn.Parameter(B.new_zeros(self.out_features, 0).to(device), requires_grad=False)
+        self.lamda_B_frozen[adapter_name] = nn.Parameter(
+            B.new_zeros(self.out_features, 0).to(device), requires_grad=False
+        )
         self.frozen_peft_weight_names = dict(self.frozen_peft_weight_names)
         self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -106,8 +115,9 @@ class LamdaLayer(BaseTunerLayer):
         return torch.cat([self.lamda_B_frozen[adapter_name], self.lamda_B[adapter_name]], dim=1)
 
     @torch.no_grad()
-    def freeze_components(self, adapter_name: str, count: int,
-                          optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    def freeze_components(
+        self, adapter_name: str, count: int, optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> int:
         """Freeze the first ``count`` columns of B; returns how many became newly frozen.
 
         The moved columns leave ``lamda_B`` (and the slices of its optimizer state leave the
@@ -124,7 +134,8 @@ class LamdaLayer(BaseTunerLayer):
         old = self.lamda_B[adapter_name]
         fully = count == r
         self.lamda_B_frozen[adapter_name] = nn.Parameter(
-            torch.cat([self.lamda_B_frozen[adapter_name].data, old.data[:, :moved]], dim=1), requires_grad=False
+            torch.cat([self.lamda_B_frozen[adapter_name].data, old.data[:, :moved]], dim=1),
+            requires_grad=False,
         )
         # A new Parameter object (not a resized .data): autograd caches shape metadata per leaf.
         new = nn.Parameter(old.data[:, moved:].clone(), requires_grad=not fully and old.requires_grad)
@@ -190,8 +201,15 @@ def _move_optimizer_entry(optimizer, old: torch.Tensor, new: Optional[torch.Tens
 class Linear(nn.Module, LamdaLayer):
     """nn.Linear with LaMDA adapters."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float,
-                 config: LamdaConfig, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        config: LamdaConfig,
+        **kwargs,
+    ) -> None:
         super().__init__()
         LamdaLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
@@ -213,7 +231,7 @@ class Linear(nn.Module, LamdaLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

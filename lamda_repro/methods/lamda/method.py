@@ -5,6 +5,7 @@ peft task type SEQ_CLS makes the classification head (``classifier`` / ``score``
 trainable and saved (peft's modules_to_save); ``seq2seq`` and ``causal-lm`` keep the LM head
 frozen. Extra ``modules_to_save`` can be given in the config.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,17 +17,21 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from lamda_repro.methods.base import Method, MethodConfigError, MethodContext, register_method
-from lamda_repro.methods.peft_methods import LORA_FAMILY_SCHEMA
 from lamda_repro.methods.lamda.allocation import BUDGETS, DIRECTIONS, allocate_ranks, weight_spectra
 from lamda_repro.methods.lamda.config import INIT_CHOICES, LamdaConfig
 from lamda_repro.methods.lamda.freeze import LamdaFreezeCallback, LamdaFreezeController, lamda_layers
+from lamda_repro.methods.peft_methods import LORA_FAMILY_SCHEMA
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal-lm": "CAUSAL_LM"}
 
 _COMMON_SCHEMA: dict[str, Any] = {
     **LORA_FAMILY_SCHEMA,
-    "freeze_fraction": {"type": "number", "minimum": 0, "maximum": 1,
-                        "description": "fraction of optimizer steps over which B is frozen column by column"},
+    "freeze_fraction": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "fraction of optimizer steps over which B is frozen column by column",
+    },
 }
 
 
@@ -79,7 +84,9 @@ class LamdaMethod(Method):
         if targets is None:
             targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(ctx.model_type)
             if targets is None:
-                raise MethodConfigError(f"{self.type_name}: no default target_modules for model type {ctx.model_type!r}")
+                raise MethodConfigError(
+                    f"{self.type_name}: no default target_modules for model type {ctx.model_type!r}"
+                )
         return targets if isinstance(targets, str) else list(targets)
 
     def _rank_pattern(self, model: nn.Module, targets) -> dict[str, int]:
@@ -128,7 +135,9 @@ class LamdaMethod(Method):
             "adapted_modules": len(layers),
             "frozen_components": frozen,
             "total_components": components,
-            "fully_frozen_modules": sum(m.frozen_components(a) == m.r[a] for _, m in layers for a in m.lamda_S),
+            "fully_frozen_modules": sum(
+                m.frozen_components(a) == m.r[a] for _, m in layers for a in m.lamda_S
+            ),
             **lamda_trainable_summary(model),
         }
         if self.rank_allocation is not None:
@@ -152,11 +161,15 @@ class LamdaPlusPlusMethod(LamdaMethod):
     def _rank_pattern(self, model: nn.Module, targets) -> dict[str, int]:
         import re
 
-        options = {k: self.settings[k] for k in ("r_min", "r_max", "direction", "budget") if k in self.settings}
+        options = {
+            k: self.settings[k] for k in ("r_min", "r_max", "direction", "budget") if k in self.settings
+        }
         if targets == "all-linear":
             resolved = _maybe_include_all_linear_layers(LamdaConfig(target_modules=targets), model)
             targets = sorted(resolved.target_modules)
-        self.rank_allocation = allocate_ranks(weight_spectra(model, targets), int(self.settings["r"]), **options)
+        self.rank_allocation = allocate_ranks(
+            weight_spectra(model, targets), int(self.settings["r"]), **options
+        )
         return {re.escape(name): rank for name, rank in self.rank_allocation.items()}
 
 

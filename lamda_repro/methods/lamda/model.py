@@ -1,4 +1,5 @@
 """LamdaModel: decides which nn.Linear modules get a LaMDA layer (peft BaseTuner)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,21 @@ class LamdaModel(BaseTuner):
     tuner_layer_cls = LamdaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    def _create_and_replace(self, lamda_config: LamdaConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+    def _create_and_replace(
+        self,
+        lamda_config: LamdaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
         if current_key is None:
             raise ValueError("LaMDA needs the module key of each target")
-        r = lamda_config.rank_pattern.get(get_pattern_key(lamda_config.rank_pattern.keys(), current_key), lamda_config.r)
+        r = lamda_config.rank_pattern.get(
+            get_pattern_key(lamda_config.rank_pattern.keys(), current_key), lamda_config.r
+        )
         alpha = lamda_config.alpha_pattern.get(
             get_pattern_key(lamda_config.alpha_pattern.keys(), current_key), lamda_config.lora_alpha
         )
@@ -41,8 +52,9 @@ class LamdaModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str,
-                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Give each layer the saved split of B (frozen columns) before the weights are loaded."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for name, module in model.named_modules():

@@ -3,6 +3,7 @@
 peft 0.21 only registers methods whose name is a PeftType member; the enum is closed, so the
 member is added at import time, the same way the enum machinery adds its own members.
 """
+
 from __future__ import annotations
 
 from peft.utils import PeftType

@@ -25,6 +25,7 @@ def _json_arg(text: str, flag: str) -> dict:
 
 
 def _load_checked(paths):
+    import lamda_repro.recursive  # noqa: F401  (registers the check of the recursive section)
     from lamda_repro.config import load_config, validate_config
 
     return validate_config(load_config(*paths))

@@ -14,91 +14,18 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
-SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message is one line: '<key path>: <problem>'."""
-
-
-# -- schema checking with readable errors ---------------------------------------------------
-
-
-def _format_path(where: str, path) -> str:
-    out = where
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "config"
-
-
-def _describe(error) -> str:
-    v, inst, val = error.validator, error.instance, error.validator_value
-    if v == "additionalProperties" and isinstance(inst, dict):
-        allowed = set(error.schema.get("properties", {}))
-        extra = sorted(k for k in inst if k not in allowed)
-        hint = f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
-        return f"unknown key {extra[0]!r}{hint}" if extra else error.message
-    if v == "required":
-        missing = [k for k in val if isinstance(inst, dict) and k not in inst]
-        return f"missing required key {missing[0]!r}" if missing else error.message
-    if v == "type":
-        return f"expected {val}, got {type(inst).__name__} {inst!r}"
-    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
-        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
-        return f"must be {op} {val}, got {inst!r}"
-    if v == "enum":
-        return f"must be one of {', '.join(map(str, val))}; got {inst!r}"
-    if v == "minItems":
-        return "must not be empty" if val == 1 else f"needs at least {val} items"
-    if v == "minLength":
-        return "must not be empty"
-    if v == "uniqueItems":
-        return f"has duplicate items: {inst!r}"
-    return error.message.splitlines()[0]
-
-
-def _registry():
-    from referencing import Registry, Resource
-
-    def retrieve(uri: str):
-        path = SCHEMA_DIR / uri.split("/")[-1]
-        return Resource.from_contents(yaml.safe_load(path.read_text()))
-
-    return Registry(retrieve=retrieve)
-
-
-def check_against_schema(data: Any, schema: dict, where: str = "") -> None:
-    """Validate ``data`` against ``schema``; raise ConfigError naming the first problem."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema, registry=_registry())
-    errors = list(validator.iter_errors(data))
-    if not errors:
-        return
-
-    # Report the deepest error of the first failing location: it names the key most precisely.
-    def depth(e):
-        return len(list(e.absolute_path))
-
-    first = sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), -depth(e)))[0]
-    err = jsonschema.exceptions.best_match([first])
-    while err.context:
-        err = min(err.context, key=lambda e: -depth(e))
-    raise ConfigError(f"{_format_path(where, err.absolute_path)}: {_describe(err)}")
-
-
-def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
-
+from lamda_repro.schema import (  # noqa: F401  (re-exported: the config API)
+    REPO_ROOT,
+    SCHEMA_DIR,
+    SCHEMA_PATH,
+    ConfigError,
+    check_against_schema,
+    load_schema,
+)
 
 # -- loading -------------------------------------------------------------------------------
 
@@ -177,6 +104,19 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 # -- validation ----------------------------------------------------------------------------
 
+# Sections owned by a stage above this layer (the recursive stage owns ``recursive:``). The stage
+# registers its check when its package is imported, so that config.py never imports a stage;
+# validate_config refuses to pass an enabled section whose check was never registered.
+STAGE_SECTIONS = ("recursive",)
+_SECTION_CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {}
+
+
+def register_section_check(section: str, check: Callable[[dict[str, Any]], Any]) -> None:
+    """Register ``check(section_value)`` (raises ConfigError / ValueError) for a stage's section."""
+    if section not in STAGE_SECTIONS:
+        raise ValueError(f"unknown stage section {section!r} (known: {', '.join(STAGE_SECTIONS)})")
+    _SECTION_CHECKS[section] = check
+
 
 def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None:
     where = f"models.{name}"
@@ -211,7 +151,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     cfg = with_defaults(config)
 
     from lamda_repro.methods.base import MethodConfigError, get_method_class
-    from lamda_repro.tasks.base import get_task_class
+    from lamda_repro.tasks.base import TaskConfigError, get_task_class
     from lamda_repro.tasks.smoke import generator_names
 
     gens = generator_names()
@@ -225,7 +165,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     for name, entry in cfg["tasks"].items():
         try:
             cls = get_task_class(entry["type"])
-        except MethodConfigError as exc:
+        except TaskConfigError as exc:
             raise ConfigError(f"tasks.{name}.type: {exc}") from None
         cls.check_params(entry, f"tasks.{name}")
         if "data" in entry and entry["data"] not in cfg["data"]:
@@ -255,15 +195,20 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"{where}.tasks: mixes task kinds {sorted(kinds)}; "
                 "one experiment uses one model head (split it in two)"
             )
-    rec = cfg.get("recursive")
-    if rec and rec.get("enabled", True):
-        from lamda_repro.recursive.runner import resolve_section
-
+    for section in STAGE_SECTIONS:
+        value = cfg.get(section)
+        if not value or not value.get("enabled", True):
+            continue
+        check = _SECTION_CHECKS.get(section)
+        if check is None:  # a programming error, not a config error: the stage was never imported
+            raise RuntimeError(
+                f"no check registered for the config section {section!r}: import lamda_repro.{section} first"
+            )
         try:
-            resolve_section(rec)
+            check(value)
         except ConfigError:
             raise
-        except ValueError as exc:  # RecursiveRunError and value checks of the section
+        except ValueError as exc:  # the stage's own value checks
             raise ConfigError(str(exc).splitlines()[0]) from None
     return cfg
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,17 @@ SPECIAL_TOKENS = {
     "cls_token": "[CLS]",
     "sep_token": "[SEP]",
 }
+# The Hugging Face switches that keep every library off the Hub (smoke runs and tests are offline).
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE")
+
+
+def set_offline(offline: bool) -> None:
+    """Set the offline switches (before transformers / datasets touch the Hub)."""
+    if offline:
+        for v in OFFLINE_VARS:
+            os.environ[v] = "1"
+
+
 ENCODER_DECODER_TYPES = {"bart", "t5", "mbart", "marian", "pegasus"}
 ENCODER_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta"}
 

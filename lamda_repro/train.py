@@ -13,24 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from lamda_repro.config import RunSpec
+from lamda_repro.models import set_offline
 from lamda_repro.results import new_record, utc_now, write_record
 
 log = logging.getLogger("lamda_repro.train")
-
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE")
-
-
-def set_offline(offline: bool) -> None:
-    if offline:
-        for v in OFFLINE_VARS:
-            os.environ[v] = "1"
 
 
 def resolve_device(device: str) -> str:

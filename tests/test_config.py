@@ -7,6 +7,7 @@ import copy
 import pytest
 import yaml
 
+import lamda_repro.recursive  # noqa: F401  (registers the check of the recursive section)
 from lamda_repro.config import ConfigError, RunSpec, expand_runs, load_config, record_path, validate_config
 
 

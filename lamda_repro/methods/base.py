@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lamda_repro.schema import ConfigError, check_against_schema
+
 _REGISTRY: dict[str, type["Method"]] = {}
 
 
-class MethodConfigError(ValueError):
+class MethodConfigError(ConfigError):
     """A method's parameters in the config are invalid (message names key and problem)."""
 
 
@@ -48,8 +50,6 @@ class Method:
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
         """Raise MethodConfigError naming ``where.<key>`` if ``params`` are invalid."""
-        from lamda_repro.config import check_against_schema  # local: avoid import cycle
-
         schema = {
             "type": "object",
             "properties": {"type": {"type": "string"}, **cls.params_schema},
@@ -113,12 +113,13 @@ def build_method(params: dict[str, Any]) -> Method:
 
 
 def _import_builtin_methods() -> None:
-    # Importing the modules registers their classes.
-    import lamda_repro.methods.full  # noqa: F401
-    import lamda_repro.methods.peft_methods  # noqa: F401
+    # Importing the package's modules registers their classes (as for tasks: adding a method is
+    # adding a module; base never imports a method by name).
+    import importlib
+    import pkgutil
 
-    try:
-        import lamda_repro.methods.lamda  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only while the package is incomplete
-        if "lamda_repro.methods.lamda" not in str(exc):
-            raise
+    import lamda_repro.methods as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name != "base":
+            importlib.import_module(f"lamda_repro.methods.{mod.name}")

@@ -5,6 +5,7 @@ Main entry points: ``convert_to_recursive`` (convert.py), ``relax_recursive`` (r
 ``train_causal_lm`` (uptrain.py) and ``execute_run`` (runner.py, one configured run).
 """
 
+from lamda_repro.config import register_section_check
 from lamda_repro.recursive.convert import (
     RecursionSpec,
     RecursiveConfigError,
@@ -15,6 +16,16 @@ from lamda_repro.recursive.convert import (
 )
 from lamda_repro.recursive.counts import non_embedding_counts
 from lamda_repro.recursive.relax import DepthLoRALinear, LoraSpec, relax_recursive
+
+
+def _check_section(section):
+    from lamda_repro.recursive.runner import resolve_section
+
+    resolve_section(section)
+
+
+# The recursive stage owns the config's ``recursive:`` section: validate_config calls this.
+register_section_check("recursive", _check_section)
 
 __all__ = [
     "RecursionSpec",

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from lamda_repro.train import OFFLINE_VARS
+from lamda_repro.models import OFFLINE_VARS
 
 
 def _section(args) -> dict:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamda_repro.recursive.convert import (
+from lamda_repro.recursive.spec import (
     RecursionSpec,
     RecursiveConfigError,
     decoder_layers,

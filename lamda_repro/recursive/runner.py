@@ -37,6 +37,7 @@ from lamda_repro.recursive.counts import model_non_embedding_parameters, model_t
 from lamda_repro.recursive.evaluate import forward_throughput, lm_eval_accuracy, perplexity
 from lamda_repro.recursive.tiny import tiny_config
 from lamda_repro.recursive.uptrain import UptrainConfig, train_causal_lm
+from lamda_repro.schema import check_against_schema
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "recursive.schema.yaml"
 
@@ -90,8 +91,6 @@ class RecursiveRunError(ValueError):
 
 def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
     """Validate the ``recursive:`` section against its schema and fill in defaults."""
-    from lamda_repro.config import check_against_schema
-
     section = copy.deepcopy(section or {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     check_against_schema(section, schema, "recursive")

@@ -15,14 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lamda_repro.methods.base import MethodConfigError
+from lamda_repro.schema import ConfigError, check_against_schema
 
 _REGISTRY: dict[str, type["Task"]] = {}
 
 TASK_KINDS = ("seq-cls", "seq2seq", "causal-lm")
 
 
-class TaskConfigError(MethodConfigError):
+class TaskConfigError(ConfigError):
     """A task entry in the config is invalid."""
 
 
@@ -43,8 +43,6 @@ class Task:
 
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
-        from lamda_repro.config import check_against_schema
-
         schema = {
             "type": "object",
             "properties": {

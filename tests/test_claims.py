@@ -57,6 +57,9 @@ def finetune(
     }
 
 
+SMOKE_TOKENS = 40 * 16 * 64  # the smoke config's uptraining budget
+
+
 def recursive(
     variant,
     acc=None,
@@ -67,25 +70,52 @@ def recursive(
     path=None,
     name=None,
     status="success",
+    init="stepwise",
+    tokens=None,
+    kd=0.5,
+    teacher=None,
+    scale=None,
+    **run_keys,
 ):
-    """A record as lamda_repro/recursive/runner.py writes it (only the fields the rules read)."""
+    """A record as lamda_repro/recursive/runner.py writes it (only the fields the rules read).
+
+    Uptrained (``tokens`` seen, default the smoke budget) unless an original model without
+    ``tokens``; ``kd`` is the KD weight (forward KL) of the uptraining; ``teacher`` a run name.
+    """
     run = {
         "name": name or f"{variant}{rank or ''}",
         "model": base,
         "variant": variant,
         "num_loops": 2,
         "lora_rank": rank,
+        **run_keys,
     }
+    if variant == "recursive":
+        run["init"] = init
+    if teacher:
+        run["teacher"] = teacher
+    if tokens is None:
+        tokens = 0 if variant == "original" else SMOKE_TOKENS
+    uptrain = {"steps": 1, "kd_weight": kd, "kd_loss": "forward_kl"} if tokens else None
     metrics = {k: v for k, v in (("average", acc), ("throughput_speedup", speedup)) if v is not None}
     params = {"non_embedding": non_embedding, "non_embedding_base": 1000} if non_embedding else {}
+    spec = {
+        "run": run,
+        "model": {"path": path} if path else {"pretrain": {}},
+        "uptrain": uptrain,
+        "teacher": (f"{base}--{teacher}" if teacher else "base") if uptrain and kd else None,
+    }
+    if scale:
+        spec["scale"] = scale
     return {
         "run_id": f"{base}--{run['name']}",
         "kind": "recursive",
         "status": status,
-        "spec": {"run": run, "model": {"path": path} if path else {"pretrain": {}}},
+        "spec": spec,
         "metrics": metrics if status == "success" else {},
         "primary_metric": "average",
         "params": params,
+        "tokens_seen": tokens,
     }
 
 
@@ -111,6 +141,18 @@ def test_committed_reference_is_valid_and_has_no_table_numbers(reference):
     assert reference.table_value("nlu", "sst2", "deberta_v3_base", "lamda", "accuracy") is None
 
 
+def test_reference_cells_of_the_recursive_paper_carry_their_sources(reference):
+    cells = reference.recursive_cells
+    assert {c["table"] for c in cells} >= {"F.1", "G.2", "I.2", "D.1"}
+    assert all(c["source"].startswith("Table") and c["metric"] == "average" for c in cells)
+    by_key = {(c["table"], c["row"], c["column"]): c for c in cells}
+    assert by_key[("F.1", "Gemma 2B, B=2", "Stepwise")]["value"] == 51.7
+    assert by_key[("I.2", "Gemma 2B, B=2", "relaxed r=512")]["value"] == 58.4
+    assert by_key[("I.2", "Gemma 2B, B=2", "full-size")]["run"] == "gemma-2b--full-60b"
+    # The paper's TinyLlama baseline is the 105B-token checkpoint (Table D.1: 43.26), not the 3T one.
+    assert by_key[("D.1", "TinyLlama 1.1B (105B-token checkpoint)", "average")]["value"] == 43.26
+
+
 def test_reference_carries_the_verified_abstract_numbers(reference):
     by_id = {c["id"]: c for c in reference.claims}
     assert by_id["lamda_parameter_updates"]["value"] == 17.7
@@ -118,6 +160,17 @@ def test_reference_carries_the_verified_abstract_numbers(reference):
     assert by_id["recursive_gain_over_scratch"]["value"] == 13.5
     assert by_id["lamda_llama2_7b_geometry"]["source_kind"] == "derived"
     assert "derived arithmetic" in by_id["lamda_llama2_7b_geometry"]["source"]
+
+
+CELL = {
+    "table": "F.1",
+    "row": "Gemma 2B, B=2",
+    "column": "Stepwise",
+    "run": "gemma-2b--rt-stepwise-b2-15b",
+    "metric": "average",
+    "value": 51.7,
+    "source": "Table F.1",
+}
 
 
 def _minimal(**claim):
@@ -134,6 +187,16 @@ def _minimal(**claim):
         (_minimal(value="17.7x"), "value must be a number"),
         ({**_minimal(), "schema_version": 2}, "schema_version"),
         ({**_minimal(), "claims": _minimal()["claims"] * 2}, "duplicate id"),
+        (_minimal(setting=[1]), "setting must be a mapping"),
+        (
+            {**_minimal(), "recursive_cells": [{**CELL, "source": None}]},
+            r"recursive_cells\[0\] lacks \['source'\]",
+        ),
+        ({**_minimal(), "recursive_cells": [{**CELL, "value": "51.7%"}]}, "value must be a number"),
+        (
+            {**_minimal(), "recursive_cells": [{**CELL, "non_embedding": True}]},
+            "non_embedding must be a number",
+        ),
     ],
 )
 def test_reference_errors_are_one_line_and_named(data, message):
@@ -198,9 +261,20 @@ def test_gemma_2b_counts_round_to_the_reference():
 
 def test_arithmetic_claims_reproduced_without_records(reference):
     rows = ledger(reference, [])
+    # Gemma's counts are printed in the paper (Table 1, Fig. 8): recomputing them is evidence.
+    assert rows["gemma_2b_non_embedding_counts"]["verdict"] == claims.VERDICT_ARITHMETIC
+    # LLaMA-2-7B's counts were derived with the rule's own arithmetic: only a consistency check.
+    assert rows["lamda_llama2_7b_geometry"]["verdict"] == claims.VERDICT_CONSISTENT
     for cid in ("lamda_llama2_7b_geometry", "gemma_2b_non_embedding_counts"):
-        assert rows[cid]["verdict"] == claims.VERDICT_ARITHMETIC
         assert rows[cid]["scale"] == "arithmetic"
+
+
+def test_a_derived_count_that_disagrees_is_inconsistent_not_unreproduced(reference):
+    claim = {c["id"]: c for c in reference.claims}["lamda_llama2_7b_geometry"]
+    wrong = {**claim, "values": {"lora_r64": 1, "lamda_s_only_r64": 917_504}}
+    ref = claims.Reference(papers=reference.papers, claims=[wrong])
+    (row,) = claims.evaluate_claims(ref, claims.Evidence.from_records([]))
+    assert row["verdict"] == claims.VERDICT_INCONSISTENT
 
 
 def test_wrong_reference_count_is_not_reproduced(reference):
@@ -330,58 +404,118 @@ def test_bench_file_absent_present_and_unrecognised(reference, tmp_path):
 
 def test_recursive_claims_at_smoke_scale(reference):
     recs = [
-        recursive("original", 0.50),
+        recursive("original", 0.52),  # raw: not the comparator of "on par"
+        recursive("original", 0.50, name="full-uptrained", tokens=SMOKE_TOKENS),
         recursive("recursive", 0.46, non_embedding=500),
         recursive("scratch", 0.40),
         recursive("truncated", 0.42),
-        recursive("recursive", 0.49, rank=8),
+        recursive("recursive", 0.49, rank=8, init="average"),
         recursive("recursive", speedup=1.7, name="cdb"),
     ]
     rows = ledger(reference, recs)
-    assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE
-    assert "+4.0 points" in rows["recursive_beats_similar_size"]["this suite"]
-    assert "+6.0 points" in rows["recursive_gain_over_scratch"]["this suite"]
-    assert "error reduction 10%" in rows["recursive_gain_over_scratch"]["this suite"]
-    assert rows["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_SMOKE
-    assert rows["relaxed_on_par_with_full"]["verdict"] == claims.VERDICT_SMOKE
-    assert "r=8" in rows["relaxed_on_par_with_full"]["this suite"]
+    # The similar-size claim names its comparators (TinyLlama, Pythia): none here.
+    assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_NOT_RUN
+    assert "tinyllama-1.1b" in rows["recursive_beats_similar_size"]["this suite"]
+    gain = rows["recursive_gain_over_scratch"]
+    assert "+6.0 points" in gain["this suite"] and "error reduction 10%" in gain["this suite"]
+    assert gain["verdict"] == claims.VERDICT_SMOKE and gain["scale"] == "smoke"
+    assert "KD forward_kl (paper: none)" in gain["this suite"]
+    on_par = rows["relaxed_on_par_with_full"]
+    assert on_par["verdict"] == claims.VERDICT_SMOKE
+    assert "r=8" in on_par["this suite"] and "tiny--full-uptrained" in on_par["this suite"]
     assert rows["cdb_early_exit_throughput"]["verdict"] == claims.VERDICT_SMOKE
     assert "0.500" in rows["gemma_2b_non_embedding_counts"]["this suite"]
 
 
 def test_recursive_claims_not_reproduced_or_not_run(reference):
     recs = [
-        recursive("original", 0.50),
+        recursive("original", 0.50, tokens=SMOKE_TOKENS),
         recursive("recursive", 0.30),
         recursive("scratch", 0.40),
-        recursive("recursive", 0.40, rank=8),
+        recursive("recursive", 0.40, rank=8, init="average"),
         recursive("truncated", 0.9, status="failed"),
     ]
     rows = ledger(reference, recs)
-    assert rows["recursive_beats_similar_size"]["verdict"] == claims.VERDICT_SMOKE_NOT
     assert rows["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_SMOKE_NOT
     assert rows["relaxed_on_par_with_full"]["verdict"] == claims.VERDICT_SMOKE_NOT
     assert rows["cdb_early_exit_throughput"]["verdict"] == claims.VERDICT_NOT_RUN
 
 
-def test_similar_size_original_of_another_model_is_a_baseline(reference):
-    recs = [
-        recursive("recursive", 0.46, non_embedding=500, base="gemma"),
-        recursive("original", 0.50, non_embedding=600, base="pythia"),
-        recursive("original", 0.90, non_embedding=5000, base="big"),
-    ]  # not similar size
-    row = ledger(reference, recs)["recursive_beats_similar_size"]
-    assert row["verdict"] == claims.VERDICT_SMOKE_NOT and "pythia" in row["this suite"]
+# The paper's runs, as synthetic records of config/paper.yaml's run names.
+GEMMA, TINYLLAMA, PYTHIA = "google/gemma-2b", "TinyLlama/TinyLlama-1.1B-step-50K-105b", "EleutherAI/pythia-1b"
+B15, B60 = 15_000_928_256, 60_001_615_872  # tokens of the paper config's 15B and 60B budgets
 
 
-def test_recursive_paper_scale_from_the_model_path(reference):
-    path = "google/gemma-2b"
-    scratch = recursive("scratch", 0.40, path=path)
-    row = ledger(reference, [recursive("recursive", 0.54, path=path), scratch])
-    assert row["recursive_gain_over_scratch"]["scale"] == "paper"
-    assert row["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_REPRODUCED
-    row = ledger(reference, [recursive("recursive", 0.45, path=path), scratch])
-    assert row["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_NOT_REPRODUCED
+def gemma(variant, acc, tokens, kd=0.0, **kw):
+    return recursive(variant, acc, base="gemma-2b", path=GEMMA, tokens=tokens, kd=kd, **kw)
+
+
+def test_similar_size_claim_needs_both_named_models(reference):
+    subject = gemma("recursive", 0.517, B15, name="rt-stepwise-b2-15b")
+    tiny = recursive("original", 0.433, base="tinyllama-1.1b", path=TINYLLAMA, name="full")
+    pythia = recursive("original", 0.488, base="pythia-1b", path=PYTHIA, name="full")
+    # Gemma's own same-size baselines do not stand in for TinyLlama and Pythia.
+    baselines = [gemma("scratch", 0.38, B15, name="s"), gemma("truncated", 0.40, B15, name="t")]
+    row = ledger(reference, [subject, tiny, *baselines])["recursive_beats_similar_size"]
+    assert row["verdict"] == claims.VERDICT_NOT_RUN and "pythia-1b" in row["this suite"]
+    row = ledger(reference, [subject, tiny, pythia])["recursive_beats_similar_size"]
+    assert row["verdict"] == claims.VERDICT_REPRODUCED and row["scale"] == "paper"
+    assert "+2.9 points" in row["this suite"] and "+8.4 points" in row["this suite"]
+    # TinyLlama's 3T-token release is not the paper's comparator (its 105B-token checkpoint is).
+    late = recursive("original", 0.531, base="tinyllama-1.1b", path="TinyLlama/3T", name="full")
+    row = ledger(reference, [subject, late, pythia])["recursive_beats_similar_size"]
+    assert row["scale"] == "smoke" and "TinyLlama/3T" in row["this suite"]
+    assert row["verdict"] == claims.VERDICT_SMOKE_NOT
+
+
+def test_gain_over_scratch_at_the_papers_setting(reference):
+    pair = [gemma("recursive", 0.517, B15, name="rt"), gemma("scratch", 0.382, B15, name="scratch")]
+    row = ledger(reference, pair)["recursive_gain_over_scratch"]
+    assert row["scale"] == "paper" and row["verdict"] == claims.VERDICT_REPRODUCED
+    assert "+13.5 points" in row["this suite"] and "error reduction 22%" in row["this suite"]
+    small = [gemma("recursive", 0.45, B15, name="rt"), pair[1]]
+    assert ledger(reference, small)["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_NOT_REPRODUCED
+    # With KD the pair is not the claim's setting (15B tokens, no KD): mechanism only.
+    kd = [gemma("recursive", 0.52, B15, kd=0.5, name="rt"), gemma("scratch", 0.38, B15, kd=0.5, name="s")]
+    assert ledger(reference, kd)["recursive_gain_over_scratch"]["scale"] == "smoke"
+    # A scratch run with another budget is no comparator at all.
+    other = [pair[0], gemma("scratch", 0.30, B60, name="scratch-60b")]
+    assert ledger(reference, other)["recursive_gain_over_scratch"]["verdict"] == claims.VERDICT_NOT_RUN
+
+
+def test_a_short_run_labelled_paper_is_not_paper_scale(reference):
+    short = 7153 * 1024  # a paper-config run whose steps were cut: far below 15B tokens
+    pair = [
+        gemma("recursive", 0.60, short, name="rt", scale="paper"),
+        gemma("scratch", 0.30, short, name="scratch", scale="paper"),
+    ]
+    row = ledger(reference, pair)["recursive_gain_over_scratch"]
+    assert row["scale"] == "smoke" and row["verdict"] == claims.VERDICT_SMOKE
+    assert "7,324,672 tokens seen (paper: 15B)" in row["this suite"]
+
+
+def test_on_par_picks_the_full_size_model_uptrained_on_the_same_budget(reference):
+    teacher = gemma("original", 0.601, B15, name="full-15b", save_model=True)
+    relaxed = gemma(
+        "recursive", 0.584, B60, kd=0.5, rank=512, init="average", name="rrt-r512", teacher="full-15b"
+    )
+    raw = gemma("original", 0.617, 0, name="full")
+    full_60b = gemma("original", 0.586, B60, name="full-60b")
+    row = ledger(reference, [teacher, relaxed, raw])["relaxed_on_par_with_full"]
+    assert row["verdict"] == claims.VERDICT_NOT_RUN  # the raw and the 15B models are not comparators
+    row = ledger(reference, [teacher, relaxed, raw, full_60b])["relaxed_on_par_with_full"]
+    assert "gemma-2b--full-60b 58.60%" in row["this suite"] and "full-15b 60.10%" not in row["this suite"]
+    assert row["scale"] == "paper" and row["verdict"] == claims.VERDICT_REPRODUCED
+    # Against the raw model (61.7) it would not have been on par; against a weaker relaxed model it is not.
+    weak = gemma(
+        "recursive", 0.55, B60, kd=0.5, rank=512, init="average", name="rrt-r512", teacher="full-15b"
+    )
+    row = ledger(reference, [teacher, weak, raw, full_60b])["relaxed_on_par_with_full"]
+    assert row["verdict"] == claims.VERDICT_NOT_REPRODUCED
+    # Distilled from the raw model instead of the 15B-uptrained one: not the paper's setting.
+    from_raw = gemma("recursive", 0.584, B60, kd=0.5, rank=512, init="average", name="rrt-r512")
+    row = ledger(reference, [from_raw, full_60b])["relaxed_on_par_with_full"]
+    assert row["scale"] == "smoke" and "teacher" in row["this suite"]
 
 
 def test_reference_code_lamda_does_not_count_for_the_claims(reference):

@@ -9,7 +9,7 @@ from lamda_repro.recursive import corpus
 from lamda_repro.recursive.convert import convert_to_recursive
 from lamda_repro.recursive.evaluate import EvalConfigError, lm_eval_accuracy, perplexity
 from lamda_repro.recursive.report import plot_accuracy_vs_params, records_frame, write_table
-from lamda_repro.recursive.runner import build_variant, resolve_section, uptrain_config
+from lamda_repro.recursive.runner import build_variant, resolve_section, run_teacher, uptrain_config
 from lamda_repro.recursive.tiny import tiny_causal_lm
 
 
@@ -103,10 +103,62 @@ def test_section_defaults_and_uptrain_selection():
     assert uptrain_config(section, half).lr == 0.1 and uptrain_config(section, half).steps == 2
 
 
+def _with_budgets(**runs_extra):
+    import copy
+
+    section = copy.deepcopy(SECTION)
+    section["budgets"] = {"long": {"steps": 5, "warmup_steps": 1}, "long-kd": {"steps": 5, "kd_weight": 0.5}}
+    section["runs"][0].update(budget="long", save_model=True)
+    section["runs"].append(
+        {
+            "name": "student",
+            "model": "tiny",
+            "variant": "scratch",
+            "num_loops": 2,
+            "budget": "long-kd",
+            **runs_extra,
+        }
+    )
+    return section
+
+
+def test_budgets_name_uptraining_settings_and_runs_name_their_teacher():
+    section = resolve_section(_with_budgets(teacher="full", uptrain={"lr": 0.1}))
+    full, rrt, _, student = section["runs"]
+    assert uptrain_config(section, full).steps == 5  # a budget uptrains an original model too
+    assert uptrain_config(section, full).warmup_steps == 1 and uptrain_config(section, rrt).steps == 2
+    up = uptrain_config(section, student)
+    assert (up.steps, up.kd_weight, up.lr) == (5, 0.5, 0.1)  # section < budget < the run's own overrides
+    assert run_teacher(section, "tiny--student") == "tiny--full" and run_teacher(section, "tiny--rrt") is None
+
+
+def _teacher_of(name, **teacher_run):
+    def change(section):
+        section.update(_with_budgets(teacher=name))
+        section["runs"][0].update(teacher_run)
+
+    return change
+
+
+def _cycle(section):
+    section.update(_with_budgets(teacher="full", save_model=True))
+    section["runs"][0].update(budget="long-kd", teacher="student")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         (lambda s: s["runs"].append({"name": "x", "model": "nope", "variant": "original"}), "unknown model"),
+        (lambda s: s["runs"][0].update(budget="none"), "unknown budget 'none'"),
+        (lambda s: s.update(_with_budgets(uptrain=False)), "a budget needs uptraining"),
+        (_teacher_of("ghost"), r"student.teacher: no run 'tiny--ghost'"),
+        (_teacher_of("full", save_model=False), "must set save_model: true"),
+        (_teacher_of("rrt"), "must set save_model"),
+        (_cycle, r"teacher chain tiny--full -> tiny--student -> tiny--full is a cycle"),
+        (
+            lambda s: s.update(_with_budgets(teacher="full", uptrain={"kd_weight": 0.0})),
+            "a teacher needs uptraining with kd_weight > 0",
+        ),
         (
             lambda s: s["runs"].append({"name": "x", "model": "tiny", "variant": "recursive"}),
             "needs num_loops",
@@ -230,3 +282,51 @@ def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
         {**section, "models": {"tiny": {"path": str(tmp_path / "missing")}}}, "tiny--rrt", tmp_path, "cpu"
     )
     assert failed["status"] == "failed" and failed["error"]
+
+
+@pytest.mark.slow
+def test_a_student_distils_from_its_teachers_saved_model(tmp_path):
+    from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model
+
+    tiny = {
+        "hidden_size": 32,
+        "num_layers": 4,
+        "intermediate_size": 64,
+        "steps": 5,
+        "batch_size": 4,
+        "seq_len": 32,
+    }
+    raw = {
+        "corpus": {"num_documents": 200, "num_validation": 20, "task_test_size": 8},
+        "models": {"tiny": {"pretrain": tiny}},
+        "uptrain": {"steps": 2, "batch_size": 4, "seq_len": 32, "lr": 0.01},
+        "budgets": {"kd": {"kd_weight": 0.5}},
+        "eval": {"ppl_batches": 1, "throughput_seq_len": 16, "throughput_batch_size": 2},
+        "runs": [
+            {"name": "teacher", "model": "tiny", "variant": "original", "uptrain": True, "save_model": True},
+            {
+                "name": "student",
+                "model": "tiny",
+                "variant": "recursive",
+                "num_loops": 2,
+                "budget": "kd",
+                "teacher": "teacher",
+            },
+            {"name": "from-base", "model": "tiny", "variant": "recursive", "num_loops": 2, "budget": "kd"},
+        ],
+    }
+    section = resolve_section(raw)
+    prepare_corpus(section, tmp_path)
+    pretrain_model(section, "tiny", tmp_path, torch.device("cpu"))
+    early = execute_run(section, "tiny--student", tmp_path, "cpu")
+    assert early["status"] == "failed" and "teacher run tiny--teacher has no saved model" in early["error"]
+    teacher = execute_run(section, "tiny--teacher", tmp_path, "cpu")
+    assert teacher["status"] == "success" and teacher["spec"]["teacher"] is None
+    assert teacher["tokens_seen"] == 2 * 4 * 32
+    student = execute_run(section, "tiny--student", tmp_path, "cpu")
+    from_base = execute_run(section, "tiny--from-base", tmp_path, "cpu")
+    assert student["status"] == from_base["status"] == "success", student.get("error")
+    assert student["spec"]["teacher"] == "tiny--teacher" and from_base["spec"]["teacher"] == "base"
+    assert student["tokens_seen"] == from_base["tokens_seen"] == 2 * 4 * 32
+    # Same student, same data and seed: only the teacher differs, and so does the loss.
+    assert student["train"]["first_loss"] != from_base["train"]["first_loss"]

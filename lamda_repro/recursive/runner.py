@@ -8,8 +8,15 @@ a corpus, uptraining and evaluation settings, and runs. A run is one variant of 
     truncated  the model's first K = L / num_loops layers (same-size non-recursive baseline)
     scratch    a K-layer model of the same shape from random init (trained with the uptrain budget)
 
+A run may name a ``teacher``: another run of the same model that keeps its model
+(``save_model: true``); the run then distils from that saved model instead of from the base model
+as loaded (the paper's teacher is the full-size model uptrained on 15B tokens). The teacher's run
+is a dependency of the student's in the workflow.
+
 Artifacts live under ``<workdir>/recursive/`` (corpus, pretrained tiny models, kept run models);
-records under ``<results_dir>/runs/recursive/<run_id>.json``.
+records under ``<results_dir>/runs/recursive/<run_id>.json``. A record says how many tokens the
+run's model was trained on here (``tokens_seen``), so that a budget is read from what ran, not
+from a label.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from lamda_repro.recursive.convert import (
     RecursiveConfigError,
     convert_to_recursive,
     decoder_layers,
+    load_recursive,
     save_recursive,
     truncate_layers,
 )
@@ -53,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "models": {},
     "uptrain": {},
+    "budgets": {},
     "eval": {
         "tasks": list(corpus_mod.SMOKE_TASKS),
         "num_fewshot": 0,
@@ -113,11 +122,47 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
             raise RecursiveRunError(
                 f"recursive.runs.{run['name']}: lora_rank only applies to variant recursive"
             )
+        if "budget" in run:
+            if run["budget"] not in out["budgets"]:
+                raise RecursiveRunError(
+                    f"recursive.runs.{run['name']}.budget: unknown budget {run['budget']!r} "
+                    f"(defined: {', '.join(sorted(out['budgets'])) or 'none'})"
+                )
+            if run.get("uptrain") is False:
+                raise RecursiveRunError(
+                    f"recursive.runs.{run['name']}: a budget needs uptraining (uptrain: false)"
+                )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RecursiveRunError(f"recursive.runs: duplicate runs (model--name) {duplicates}")
     UptrainConfig.from_dict(out["uptrain"])  # one-line error for bad values before any job runs
+    for run in out["runs"]:
+        uptrain_config(out, run)
+        _check_teacher(out, run)
     return out
+
+
+def _check_teacher(section: dict[str, Any], run: dict[str, Any]) -> None:
+    """A named teacher is a run of the same model that saves its model; the chain has no cycle."""
+    if run.get("teacher") is None:
+        return
+    at = f"recursive.runs.{run['name']}.teacher"
+    up_cfg = uptrain_config(section, run)
+    if up_cfg is None or up_cfg.steps == 0 or up_cfg.kd_weight == 0:
+        raise RecursiveRunError(f"{at}: a teacher needs uptraining with kd_weight > 0")
+    seen = [run_id(run)]
+    current = run
+    while current.get("teacher") is not None:
+        tid = f"{current['model']}--{current['teacher']}"
+        teacher = next((r for r in section["runs"] if run_id(r) == tid), None)
+        if teacher is None:
+            raise RecursiveRunError(f"{at}: no run {tid!r} (a teacher is a run of the same model)")
+        if not teacher.get("save_model"):
+            raise RecursiveRunError(f"{at}: run {tid!r} must set save_model: true to be a teacher")
+        if tid in seen:
+            raise RecursiveRunError(f"{at}: teacher chain {' -> '.join([*seen, tid])} is a cycle")
+        seen.append(tid)
+        current = teacher
 
 
 def run_id(run: dict[str, Any]) -> str:
@@ -143,13 +188,27 @@ def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> lis
     return inputs
 
 
+def run_teacher(section: dict[str, Any], rid: str) -> str | None:
+    """The run id of the run's teacher (whose saved model it distils from), or None."""
+    run = find_run(section, rid)
+    return f"{run['model']}--{run['teacher']}" if run.get("teacher") is not None else None
+
+
 def uptrain_config(section: dict[str, Any], run: dict[str, Any]) -> UptrainConfig | None:
-    """The run's uptraining settings, or None when the run is not uptrained."""
-    setting = run.get("uptrain", run["variant"] != "original")
+    """The run's uptraining settings, or None when the run is not uptrained.
+
+    Section ``uptrain`` < the run's ``budget`` (a named entry of ``budgets``) < the run's own
+    ``uptrain`` overrides. A budget implies uptraining, also for variant original.
+    """
+    setting = run.get("uptrain", run["variant"] != "original" or "budget" in run)
     if setting is False:
         return None
+    budget = section.get("budgets", {}).get(run.get("budget"), {})
     overrides = setting if isinstance(setting, dict) else {}
-    return UptrainConfig.from_dict({**section["uptrain"], **overrides})
+    try:
+        return UptrainConfig.from_dict({**section["uptrain"], **budget, **overrides})
+    except ValueError as exc:
+        raise RecursiveRunError(f"recursive.runs.{run['name']}: {exc}") from None
 
 
 def corpus_dir(workdir: Path) -> Path:
@@ -158,6 +217,11 @@ def corpus_dir(workdir: Path) -> Path:
 
 def model_dir(workdir: Path, name: str) -> Path:
     return Path(workdir) / "recursive" / "models" / name
+
+
+def saved_run_dir(workdir: Path, rid: str) -> Path:
+    """Where a run with ``save_model: true`` keeps its model (a teacher is loaded from here)."""
+    return Path(workdir) / "recursive" / "runs" / rid
 
 
 def pick_device(device: str) -> torch.device:
@@ -264,6 +328,19 @@ def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.d
     return model, tokenizer
 
 
+def load_teacher(section: dict[str, Any], tid: str, workdir: Path, device: torch.device) -> nn.Module:
+    """The saved model of teacher run ``tid`` (one-line error when the teacher left none)."""
+    folder = saved_run_dir(workdir, tid)
+    if not (folder / "model.safetensors").is_file():
+        raise RecursiveRunError(
+            f"teacher run {tid} has no saved model in {folder} (did it fail? see its record)"
+        )
+    entry = section["models"][find_run(section, tid)["model"]]
+    teacher = load_recursive(folder, dtype=getattr(torch, entry.get("dtype", "float32"))).to(device)
+    teacher.eval()
+    return teacher
+
+
 def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
     """The model a run trains and evaluates, built from the base model (left unchanged)."""
     from transformers import AutoModelForCausalLM
@@ -306,10 +383,13 @@ def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = 
     run = find_run(section, rid)
     entry = section["models"][run["model"]]
     up_cfg = uptrain_config(section, run)
+    distils = up_cfg is not None and up_cfg.steps > 0 and up_cfg.kd_weight > 0
     spec = {
         "run": run,
         "model": entry,
         "uptrain": up_cfg.to_dict() if up_cfg else None,
+        # The model distilled from: a teacher run's saved model, or the base model as loaded.
+        "teacher": (run_teacher(section, rid) or "base") if distils else None,
         "eval": section["eval"],
         "corpus": section["corpus"],
         "seed": section["seed"],
@@ -346,11 +426,17 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
         "num_layers": len(decoder_layers(model)),
         "recursion": getattr(model.config, "recursion", None),
     }
+    record["tokens_seen"] = 0  # tokens this run trained its model on (its budget, as it ran)
     if up_cfg is not None and up_cfg.steps > 0:
-        teacher = base if up_cfg.kd_weight > 0 else None
+        teacher = None
+        if up_cfg.kd_weight > 0:
+            tid = run_teacher(section, run_id(run))
+            teacher = base if tid is None else load_teacher(section, tid, workdir, device)
         batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
         stats = train_causal_lm(model, batches, up_cfg, teacher=teacher, seed=seed, desc=run_id(run))
+        del teacher
         record["train"] = stats
+        record["tokens_seen"] = stats["tokens"]
         record["throughput"]["train_tokens_per_s"] = stats["train_tokens_per_s"]
     del base
     include = str(corpus_dir(workdir) / "tasks") if section["corpus"]["kind"] == "smoke" else None
@@ -378,4 +464,4 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
         )
     )
     if run.get("save_model"):
-        save_recursive(model, Path(workdir) / "recursive" / "runs" / run_id(run), tokenizer)
+        save_recursive(model, saved_run_dir(workdir, run_id(run)), tokenizer)

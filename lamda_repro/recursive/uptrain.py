@@ -23,7 +23,9 @@ from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combine
 
 @dataclass
 class UptrainConfig:
-    """Uptraining hyperparameters (this suite's defaults; the paper's are not published)."""
+    """Uptraining hyperparameters. The defaults are this suite's (small, for the smoke scale); the
+    paper's values (Appendix E: AdamW, lr 2e-4, cosine, warmup 200 / 800 steps, context 2048,
+    about 2M tokens per step) are set in config/paper.yaml."""
 
     steps: int = field(default=100, metadata={"help": "optimizer steps; tokens = steps * batch * seq_len"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})

@@ -2,7 +2,7 @@
 # The config section is `recursive:` (schema: workflow/schemas/recursive.schema.yaml).
 from pathlib import Path
 
-from lamda_repro.recursive.runner import RecursiveRunError, resolve_section, run_artifacts
+from lamda_repro.recursive.runner import RecursiveRunError, resolve_section, run_artifacts, run_teacher
 from lamda_repro.recursive.runner import run_id as recursive_run_id
 
 REC_RAW = config.get("recursive") or {}
@@ -61,9 +61,19 @@ rule recursive_pretrain:
         " --threads {threads} > {log} 2>&1"
 
 
+def recursive_run_inputs(wildcards):
+    """The run's artifacts and, for a run that names a teacher, the teacher's record (so the
+    teacher runs first; its saved model is read from the workdir)."""
+    inputs = run_artifacts(REC, wildcards.rec_run, WORKDIR)
+    teacher = run_teacher(REC, wildcards.rec_run)
+    if teacher is not None:
+        inputs.append(f"{RESULTS}/runs/recursive/{teacher}.json")
+    return inputs
+
+
 rule recursive_run:
     input:
-        lambda w: run_artifacts(REC, w.rec_run, WORKDIR),
+        recursive_run_inputs,
     output:
         f"{RESULTS}/runs/recursive/{{rec_run}}.json",
     params:

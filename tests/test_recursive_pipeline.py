@@ -218,6 +218,32 @@ def test_table_and_figure_from_records(tmp_path):
     assert records_frame([]).empty
 
 
+def test_paper_numbers_are_rows_under_their_runs(tmp_path):
+    records = [_record("full", "original", 2000, 0.8), _record("rt", "recursive", 1000, 0.7, num_loops=2)]
+    cells = [
+        {
+            "table": "F.1",
+            "row": "M",
+            "column": "Stepwise",
+            "run": "m--rt",
+            "value": 51.7,
+            "non_embedding": 0.99e9,
+        },
+        {"table": "I.2", "row": "M", "column": "Stepwise", "run": "m--not-in-this-config", "value": 54.9},
+    ]
+    frame = write_table(records, tmp_path / "t", cells)
+    assert list(frame["run"]) == ["rt", "rt", "full"] and list(frame["status"]) == [
+        "success",
+        "paper",
+        "success",
+    ]
+    md = (tmp_path / "t.md").read_text().splitlines()
+    paper = next(line for line in md if "paper, Table F.1: Stepwise" in line)
+    assert "51.7" in paper and "990.000M" in paper and "failed" not in paper and "54.9" not in "".join(md)
+    assert "paper" not in (tmp_path / "t.csv").read_text().split("\n", 1)[0]  # a status, not a column
+    assert list(write_table(records, tmp_path / "u")["status"]) == ["success", "success"]
+
+
 def test_cli_counts_command(tmp_path, capsys):
     from lamda_repro.recursive.cli import main
     from lamda_repro.recursive.tiny import tiny_config

@@ -80,7 +80,12 @@ def cmd_table(args) -> int:
     from lamda_repro.results import load_records
 
     records = load_records(args.records)
-    write_table(records, args.out_stem)
+    cells = []
+    if args.reference:
+        from lamda_repro.claims import load_reference
+
+        cells = load_reference(args.reference).recursive_cells
+    write_table(records, args.out_stem, cells)
     if args.figure:
         plot_accuracy_vs_params(records, args.figure)
     return 0
@@ -141,6 +146,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--records", nargs="*", default=[], help="record JSON files")
     p.add_argument("--out-stem", required=True, help="writes <stem>.md, .csv, .tex")
     p.add_argument("--figure", help="figure path (png/pdf)")
+    p.add_argument(
+        "--reference", help="reference file (results/reference/papers.yaml): adds the paper's numbers as rows"
+    )
     p.set_defaults(func=cmd_table)
 
     p = subparsers.add_parser("recursive-counts", help="non-embedding parameter counts from a config")

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-# The metric read for each paper task (lm-eval metric names); others default to "acc".
+# The metric read for each paper task (lm-eval metric names); others default to "acc". As in the
+# paper (Appendix E): accuracy normalised by length for every task but LAMBADA and WinoGrande.
 DEFAULT_TASK_METRICS = {
     "lambada_openai": "acc",
     "hellaswag": "acc_norm",
-    "piqa": "acc",
+    "piqa": "acc_norm",
     "winogrande": "acc",
-    "arc_easy": "acc",
+    "arc_easy": "acc_norm",
     "arc_challenge": "acc_norm",
     "openbookqa": "acc_norm",
 }

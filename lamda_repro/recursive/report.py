@@ -35,6 +35,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row = {
             "model": model.get("label", run.get("model", "?")),
             "run": run.get("name", rec.get("run_id")),
+            "run_id": rec.get("run_id"),
             "variant": _describe_variant(run),
             "status": rec.get("status"),
             "non_embedding_params": rec.get("params", {}).get("non_embedding"),
@@ -51,9 +52,42 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     )
 
 
-def _format(value: Any, column: str) -> str:
+def paper_rows(frame: pd.DataFrame, cells: list[dict[str, Any]]) -> pd.DataFrame:
+    """``frame`` with the paper's numbers added as rows of status ``paper``, each placed right
+    after the run it is the counterpart of (reference cells of results/reference/papers.yaml:
+    table, row, column, run id, value in percent, the paper's non-embedding count). Only cells of
+    runs present in ``frame`` are shown, so a config without the paper's runs gets none."""
+    if frame.empty or not cells:
+        return frame
+    runs = {row["run_id"]: row for _, row in frame.iterrows()}
+    added, seen = [], set()
+    for cell in cells:
+        own = runs.get(cell.get("run"))
+        key = (cell.get("run"), cell.get("value"))
+        if own is None or key in seen or cell.get("metric", "average") != "average":
+            continue
+        seen.add(key)
+        added.append(
+            {
+                "model": own["model"],
+                "run": own["run"],
+                "run_id": own["run_id"],
+                "variant": f"paper, Table {cell['table']}: {cell['column']}",
+                "status": "paper",
+                "non_embedding_params": cell.get("non_embedding"),
+                "average": float(cell["value"]) / 100,
+                "_order": own["_order"] + 0.5,
+            }
+        )
+    if not added:
+        return frame
+    out = pd.concat([frame, pd.DataFrame(added)], ignore_index=True)
+    return out.sort_values(["_order", "variant"]).reset_index(drop=True)
+
+
+def _format(value: Any, column: str, status: str | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "failed" if column != "non_embedding_params" else "-"
+        return "failed" if column != "non_embedding_params" and status != "paper" else "-"
     if column == "non_embedding_params":
         return f"{value / 1e6:.3f}M" if value < 1e9 else f"{value / 1e9:.2f}B"
     if column == "perplexity":
@@ -63,12 +97,18 @@ def _format(value: Any, column: str) -> str:
     return str(value)
 
 
-def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataFrame:
-    """Write ``<out_stem>.md``, ``.csv`` and ``.tex``; accuracies in percent, failed runs marked."""
+def write_table(
+    records: list[dict[str, Any]], out_stem: str | Path, reference_cells: list[dict[str, Any]] | None = None
+) -> pd.DataFrame:
+    """Write ``<out_stem>.md``, ``.csv`` and ``.tex``; accuracies in percent, failed runs marked,
+    the paper's numbers (``reference_cells``) as ``paper`` rows under their runs."""
     from lamda_repro.results import write_text_atomic
     from lamda_repro.tables import to_csv, to_latex, to_markdown
 
     frame = records_frame(records)
+    if not frame.empty:
+        frame["_order"] = range(len(frame))
+        frame = paper_rows(frame, reference_cells or []).drop(columns=["_order", "run_id"])
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     if frame.empty:
@@ -77,7 +117,12 @@ def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataF
     columns = ["model", "variant", "non_embedding_params", *task_cols, "average", "perplexity"]
     columns = [c for c in columns if c in frame.columns]
     shown = pd.DataFrame(
-        {c: [_format(v, c) for v in frame[c]] if c not in ("model", "variant") else frame[c] for c in columns}
+        {
+            c: [_format(v, c, st) for v, st in zip(frame[c], frame["status"], strict=True)]
+            if c not in ("model", "variant")
+            else frame[c]
+            for c in columns
+        }
     )
     headers = {
         "model": "Model",

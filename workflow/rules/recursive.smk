@@ -94,7 +94,8 @@ rule recursive_run:
 
 rule recursive_table:
     input:
-        [f"{RESULTS}/runs/recursive/{rid}.json" for rid in REC_RUNS],
+        records=[f"{RESULTS}/runs/recursive/{rid}.json" for rid in REC_RUNS],
+        reference=REFERENCE,
     output:
         **RECURSIVE_TABLE,
         figure=report(RECURSIVE_FIGURE, category="Recursive Transformers"),
@@ -105,5 +106,5 @@ rule recursive_table:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli recursive-table --records {input} --out-stem {params.stem}"
-        " --figure {output.figure} > {log} 2>&1"
+        "python -m lamda_repro.recursive.cli recursive-table --records {input.records:q} --out-stem {params.stem}"
+        " --figure {output.figure} --reference {input.reference:q} > {log} 2>&1"

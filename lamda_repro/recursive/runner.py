@@ -428,10 +428,11 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
     }
     record["tokens_seen"] = 0  # tokens this run trained its model on (its budget, as it ran)
     if up_cfg is not None and up_cfg.steps > 0:
-        teacher = None
-        if up_cfg.kd_weight > 0:
-            tid = run_teacher(section, run_id(run))
-            teacher = base if tid is None else load_teacher(section, tid, workdir, device)
+        tid = run_teacher(section, run_id(run)) if up_cfg.kd_weight > 0 else None
+        teacher = base if up_cfg.kd_weight > 0 and tid is None else None
+        base = None  # from here on only needed as the default teacher: free it before loading one
+        if tid is not None:
+            teacher = load_teacher(section, tid, workdir, device)
         batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
         stats = train_causal_lm(model, batches, up_cfg, teacher=teacher, seed=seed, desc=run_id(run))
         del teacher

@@ -647,7 +647,7 @@ def setting_gaps(
     gaps = []
     for key, column in {**_IDENTITY, **_STRUCTURE}.items():
         if key in role and row.get(column) != role[key]:
-            gaps.append(f"{key} {row.get(column)} (paper: {role[key]})")
+            gaps.append(f"{key} {row.get(column) or '(none)'} (paper: {role[key]})")
     if "tokens" in role:
         need, seen = float(role["tokens"]), row.get("tokens")
         if need == 0 and seen != 0:

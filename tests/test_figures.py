@@ -154,6 +154,7 @@ CAPTIONS = Path(__file__).resolve().parents[1] / "workflow" / "report"
         "claims.rst",
         "table_recursive.rst",
         "figure_recursive.rst",
+        "bench.rst",
     ],
 )
 def test_report_captions_render_without_rst_warnings(name):
@@ -162,7 +163,7 @@ def test_report_captions_render_without_rst_warnings(name):
     from docutils.core import publish_parts
 
     class FakeSnakemake:
-        config = {"name": "smoke"}
+        config = {"name": "smoke", "scale": "smoke"}
         wildcards = {}
 
     text = (

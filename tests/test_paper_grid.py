@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -12,11 +14,21 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+WORKFLOW_FILES = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "results/reference"]
+
+
 def _dry_run(*args):
+    """`snakemake -n` in a fresh copy of the workflow: outputs an earlier run left in the checkout
+    (e.g. `bash scripts/smoke.sh`) do not change what it lists, and it writes nothing there."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="lamda-repro-dry-run-") as copy:
+        for item in WORKFLOW_FILES:
+            src, dst = REPO / item, Path(copy) / item
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+        return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _job_counts(text):

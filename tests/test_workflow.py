@@ -87,7 +87,7 @@ def test_deleting_one_record_reruns_only_that_run_and_aggregation(smoke_run):
     proc = snakemake(smoke_run, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _jobs(proc.stdout + proc.stderr)
-    assert jobs == {"finetune": 1, "aggregate": 1, "all": 1}, jobs
+    assert jobs == {"finetune": 1, "aggregate": 1, "report_pages": 1, "all": 1}, jobs
     proc = snakemake(smoke_run, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records[0].exists()

@@ -15,6 +15,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests keep no example database: nothing is written into the checkout.
+settings.register_profile("lamda-repro", database=None, deadline=None)
+settings.load_profile("lamda-repro")
 
 REPO = Path(__file__).resolve().parents[1]
 

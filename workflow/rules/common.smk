@@ -116,6 +116,16 @@ def _reported(paths):
     return out
 
 
+def report_markdown():
+    """The Markdown outputs that get an HTML page for the report (rule report_pages)."""
+    pages = [p for p in report_outputs() if p.endswith(".md")]
+    if REC:
+        pages.append(RECURSIVE_TABLE["md"])
+    if BENCH_ENABLED:
+        pages.append(BENCH_OUT["md"])
+    return pages
+
+
 def bench_records():
     return [BENCH_OUT["json"]] if BENCH_ENABLED else []
 

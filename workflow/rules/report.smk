@@ -24,15 +24,6 @@ rule aggregate:
 
 # The report displays images, HTML and PDF and offers other files as downloads, so every Markdown
 # output (tables, claims ledger, recursive table, LaMDA benchmark) gets an HTML page beside it.
-def report_markdown():
-    pages = [p for p in report_outputs() if p.endswith(".md")]
-    if REC:
-        pages.append(RECURSIVE_TABLE["md"])
-    if BENCH_ENABLED:
-        pages.append(BENCH_OUT["md"])
-    return pages
-
-
 REPORT_PAGES = [p.removesuffix(".md") + ".html" for p in report_markdown()]
 EXTRA_TARGETS += REPORT_PAGES
 

@@ -12,6 +12,10 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# The HTML report's landing page (`snakemake --report results/report.html`).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/recursive.smk"

@@ -6,10 +6,18 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import select
+import signal
 import sys
 
 # Modules that add their own subcommands through ``add_cli(subparsers)``.
-_PLUGIN_MODULES = ("lamda_repro.report_cli", "lamda_repro.bench.cli", "lamda_repro.recursive.cli")
+_PLUGIN_MODULES = (
+    "lamda_repro.report_cli",
+    "lamda_repro.report_pages",
+    "lamda_repro.bench.cli",
+    "lamda_repro.recursive.cli",
+)
 
 
 def _json_arg(text: str, flag: str) -> dict:
@@ -154,10 +162,29 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's exit
+        return rc
     except (ConfigError, MethodConfigError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # another pipe broke (e.g. a scorer's): a real error
+        # The output was piped into a reader that stopped early (`| head`): end quietly, with
+        # the status of a process ended by SIGPIPE, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end has been closed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, or no poll() here
+        return False
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ def aggregate(
         notes = [
             scale_note,
             "Rows: methods (`this suite` = seed mean ± std of the run records; `paper` = the "
-            "reference file, `n/a` where unknown). Cells: `failed` = a run failed, `—` = no "
-            "run. Accuracy-type metrics in percent points; `avg` only when every task "
+            "reference file's numbers, a row only where it holds one, `n/a` for the others). "
+            "Cells: `failed` = a run failed, `—` = no run, `n/a (no Java)` = METEOR could not "
+            "run here. Accuracy-type metrics in percent points; `avg` only when every task "
             "succeeded (higher-is-better metrics).",
         ]
         written += tables.write_table(

@@ -12,8 +12,11 @@ Recursive records have their own table (lamda_repro/recursive/report.py); the cl
 ledger (lamda_repro/claims.py) reads both kinds.
 
 Display rules: a cell with any failed seed shows ``failed`` (never a number), a cell without a
-record shows ``—``, a paper number that the reference file does not hold shows ``n/a``.
-Accuracy-type metrics are shown in percent points, as the papers print them.
+record shows ``—``, a metric this machine could not compute shows ``n/a (<reason>)`` (METEOR
+without Java), a paper number that the reference file does not hold shows ``n/a``; a ``paper``
+row appears only where the reference file holds at least one of its numbers. Accuracy-type
+metrics are shown in percent points, as the papers print them. A task shows its primary metric,
+or every metric its task type lists in ``table_metrics`` (E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ FAMILY_TITLES = {
 MISSING = "—"
 FAILED = "failed"
 UNKNOWN_PAPER = "n/a"
+NOT_RECORDED = "not recorded"
 SUITE_ROW = "this suite"
 PAPER_ROW = "paper"
 
-# Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them). ROUGE and
-# BLEU are recorded on 0-100 already (lamda_repro.tasks.metrics) and shown as they are.
+# Metrics recorded as fractions in [0, 1] and shown x100 (as the papers print them). ROUGE,
+# BLEU and METEOR are recorded on 0-100 already (lamda_repro.tasks.metrics) and shown as they are.
 PERCENT_METRICS = frozenset(
     {
         "accuracy",
@@ -85,6 +89,7 @@ FRAME_COLUMNS = (
     "experiment",
     "family",
     "task",
+    "task_type",
     "model",
     "method",
     "method_type",
@@ -145,9 +150,29 @@ def record_scale(spec: dict[str, Any], paper_models: Iterable[str] = ()) -> str:
     return "smoke"
 
 
+def table_metrics(task_type: str, primary: str) -> tuple[str, ...]:
+    """The metrics a family table shows for a task: its type's ``table_metrics`` (E2E's official
+    set), else the primary metric alone."""
+    from lamda_repro.tasks.base import TaskConfigError, get_task_class
+
+    try:
+        shown = get_task_class(task_type).table_metrics if task_type else ()
+    except TaskConfigError:  # a record of a task type this installation does not have
+        shown = ()
+    return tuple(shown) or ((primary,) if primary else ())
+
+
+METRIC_PREFIX = "metric_"  # frame column of a shown metric: metric_<name>
+UNAVAILABLE_PREFIX = "unavailable_"  # why a shown metric was not computed: unavailable_<name>
+
+
 def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str] = ()) -> pd.DataFrame:
-    """One row per fine-tuning record (other kinds skipped); numbers as floats, NaN = absent."""
+    """One row per fine-tuning record (other kinds skipped); numbers as floats, NaN = absent.
+
+    Besides the primary metric (``score``), each metric a task's table shows beyond it gets the
+    columns ``metric_<name>`` (value) and ``unavailable_<name>`` (why it was not computed)."""
     rows, paper_models = [], tuple(paper_models)
+    extra_metrics: set[str] = set()
     for rec in records:
         if rec.get("kind") != "finetune":
             continue
@@ -163,12 +188,21 @@ def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str
         throughput = rec.get("throughput") or {}
         primary = rec.get("primary_metric")
         success = rec.get("status") == "success"
+        task_type = str((spec.get("task_params") or {}).get("type") or "")
+        unavailable = rec.get("unavailable_metrics") or {}
+        shown = {}
+        for metric in table_metrics(task_type, primary or ""):
+            if metric != primary:
+                extra_metrics.add(metric)
+                shown[METRIC_PREFIX + metric] = _number(metrics.get(metric)) if success else math.nan
+                shown[UNAVAILABLE_PREFIX + metric] = str(unavailable.get(metric) or "") if success else ""
         rows.append(
             {
                 "run_id": rec.get("run_id"),
                 "experiment": str(spec["experiment"]),
                 "family": str(spec["family"]),
                 "task": str(spec["task"]),
+                "task_type": task_type,
                 "model": str(spec["model"]),
                 "method": str(spec["method"]),
                 "method_type": str(spec.get("method_type") or ""),
@@ -193,9 +227,13 @@ def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str
                 "train_tokens_per_s": _number(throughput.get("train_tokens_per_s")),
                 "wall_time_s": _number(rec.get("wall_time_s")),
                 "scale": record_scale(spec, paper_models),
+                **shown,
             }
         )
-    frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+    extra = [f"{prefix}{m}" for m in sorted(extra_metrics) for prefix in (METRIC_PREFIX, UNAVAILABLE_PREFIX)]
+    frame = pd.DataFrame(rows, columns=[*FRAME_COLUMNS, *extra])
+    for m in sorted(extra_metrics):
+        frame[UNAVAILABLE_PREFIX + m] = frame[UNAVAILABLE_PREFIX + m].fillna("")
     return frame.sort_values(
         ["experiment", "family", "task", "model", "method", "seed"], kind="stable"
     ).reset_index(drop=True)
@@ -237,6 +275,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(CELL_KEYS, key, strict=True))
         row.update(
             {
+                "task_type": group["task_type"].iloc[0],
                 "method_type": group["method_type"].iloc[0],
                 "rank": group["rank"].iloc[0],
                 "primary_metric": next((m for m in group["primary_metric"] if m), ""),
@@ -250,8 +289,17 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         )
         for measure in _MEASURES:
             row[measure] = _mean(ok[measure])
+        for metric in _extra_metrics(frame):
+            values = ok[METRIC_PREFIX + metric].dropna()
+            row[f"mean_{metric}"] = float(values.mean()) if len(values) else math.nan
+            row[f"std_{metric}"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row[UNAVAILABLE_PREFIX + metric] = next((r for r in ok[UNAVAILABLE_PREFIX + metric] if r), "")
         out.append(row)
+    extra = [
+        f"{prefix}{m}" for m in _extra_metrics(frame) for prefix in ("mean_", "std_", UNAVAILABLE_PREFIX)
+    ]
     columns = CELL_KEYS + [
+        "task_type",
         "method_type",
         "rank",
         "primary_metric",
@@ -262,8 +310,14 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         "scale",
         "peak_kind",
         *_MEASURES,
+        *extra,
     ]
     return pd.DataFrame(out, columns=columns)
+
+
+def _extra_metrics(frame: pd.DataFrame) -> list[str]:
+    """The shown metrics beyond the primary ones that the frame has columns for."""
+    return [c[len(METRIC_PREFIX) :] for c in frame.columns if c.startswith(METRIC_PREFIX)]
 
 
 def lora_reference(cells: pd.DataFrame, row: pd.Series) -> pd.Series | None:
@@ -381,6 +435,19 @@ def cell_text(cell: pd.Series | None) -> str:
     return format_score(cell["mean"], cell["std"], cell["primary_metric"])
 
 
+def metric_cell_text(cell: pd.Series | None, metric: str) -> str:
+    """What the column of ``metric`` shows for a cell: the primary metric as ``cell_text``; another
+    shown metric as mean ± std, ``n/a (<reason>)`` where it could not be computed, or
+    ``not recorded`` for records written before the task reported it."""
+    if cell is None or cell["n_failed"] or metric == cell["primary_metric"]:
+        return cell_text(cell)
+    mean = cell.get(f"mean_{metric}", math.nan)
+    if mean is None or math.isnan(mean):
+        reason = cell.get(UNAVAILABLE_PREFIX + metric) or ""
+        return f"{UNKNOWN_PAPER} ({reason})" if reason else NOT_RECORDED
+    return format_score(mean, cell.get(f"std_{metric}", math.nan), metric)
+
+
 def row_average(cells: list[pd.Series | None]) -> float:
     """Mean of the task means of one table row (higher-is-better metrics only, in display units).
 
@@ -411,17 +478,24 @@ def task_metric(cells: pd.DataFrame, task: str) -> str:
 
 
 def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFrame:
-    """The paper-style table of one family: rows = methods, columns = tasks (+ avg).
+    """The paper-style table of one family: rows = methods, columns = tasks' shown metrics (+ avg).
 
-    Every method row is followed by a ``paper`` row holding the reference numbers of the same
-    family/task/model/method/metric, ``n/a`` where the reference file has none.
+    A task shows its primary metric, or the metrics its task type lists (``table_metrics``).
+    A method row is followed by a ``paper`` row holding the reference numbers of the same
+    family/task/model/method/metric (``n/a`` for the ones the reference file lacks) when the
+    reference file holds at least one of them.
     """
     cells = cells[cells["family"] == family]
     if cells.empty:
         return no_runs_table(family)
     tasks = sorted(cells["task"].unique())
-    metrics = {t: task_metric(cells, t) for t in tasks}
-    task_columns = [f"{t} ({metrics[t]})" if metrics[t] else t for t in tasks]
+    primary = {t: task_metric(cells, t) for t in tasks}
+    # (task, metric, column name) of every metric column, tasks in order
+    columns_of: list[tuple[str, str, str]] = []
+    for t in tasks:
+        task_type = next((x for x in cells[cells["task"] == t]["task_type"] if x), "")
+        shown = table_metrics(task_type, primary[t]) or ("",)
+        columns_of += [(t, m, f"{t} ({m})" if m else t) for m in shown]
     rows = []
     for (experiment, model), group in cells.groupby(["experiment", "model"], sort=True):
         methods = group[["method", "method_type"]].drop_duplicates()
@@ -445,39 +519,14 @@ def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFra
             }
             if ok.empty and len(mine):
                 row.update({"trainable params": FAILED, "peak memory": FAILED, "train state": FAILED})
-            for t, column in zip(tasks, task_columns, strict=True):
-                row[column] = cell_text(by_task[t])
+            for t, metric, column in columns_of:
+                row[column] = metric_cell_text(by_task[t], metric) if metric else cell_text(by_task[t])
             avg = row_average([by_task[t] for t in tasks])
             row["avg"] = MISSING if math.isnan(avg) else f"{avg:.2f}"
             rows.append(row)
-            paper = {
-                "experiment": experiment,
-                "model": model,
-                "method": method,
-                "row": PAPER_ROW,
-                "trainable params": "",
-                "peak memory": "",
-                "train state": "",
-            }
-            paper_values = []
-            for t, column in zip(tasks, task_columns, strict=True):
-                value = (
-                    None
-                    if reference is None
-                    else reference.table_value(
-                        family=family, task=t, model=model, method=method, metric=metrics[t]
-                    )
-                )
-                paper[column] = UNKNOWN_PAPER if value is None else f"{value:.2f}"
-                paper_values.append(value)
-            known = [
-                v
-                for v, t in zip(paper_values, tasks, strict=True)
-                if v is not None and higher_is_better(metrics[t])
-            ]
-            complete = all(v is not None for v in paper_values) and known
-            paper["avg"] = f"{float(np.mean(known)):.2f}" if complete else UNKNOWN_PAPER
-            rows.append(paper)
+            paper_row = _paper_row(reference, family, experiment, model, method, columns_of, primary)
+            if paper_row is not None:
+                rows.append(paper_row)
     columns = [
         "experiment",
         "model",
@@ -486,10 +535,38 @@ def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFra
         "trainable params",
         "peak memory",
         "train state",
-        *task_columns,
+        *(column for _, _, column in columns_of),
         "avg",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _paper_row(reference, family, experiment, model, method, columns_of, primary) -> dict | None:
+    """The ``paper`` row of one method, or None when the reference file holds none of its numbers."""
+    if reference is None:
+        return None
+    values = {
+        column: reference.table_value(family=family, task=t, model=model, method=method, metric=metric)
+        for t, metric, column in columns_of
+    }
+    if all(v is None for v in values.values()):
+        return None
+    paper = {
+        "experiment": experiment,
+        "model": model,
+        "method": method,
+        "row": PAPER_ROW,
+        "trainable params": "",
+        "peak memory": "",
+        "train state": "",
+    }
+    paper.update({c: UNKNOWN_PAPER if v is None else f"{v:.2f}" for c, v in values.items()})
+    # the average, as for the suite's row: every task's primary number known, higher-is-better ones
+    by_task = {t: values[column] for t, metric, column in columns_of if metric == primary[t]}
+    known = [v for t, v in by_task.items() if v is not None and higher_is_better(primary[t])]
+    complete = all(v is not None for v in by_task.values()) and known
+    paper["avg"] = f"{float(np.mean(known)):.2f}" if complete else UNKNOWN_PAPER
+    return paper
 
 
 def measurements_table(cells: pd.DataFrame) -> pd.DataFrame:

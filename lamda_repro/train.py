@@ -21,6 +21,7 @@ from typing import Any
 from lamda_repro.config import RunSpec
 from lamda_repro.models import set_offline
 from lamda_repro.results import new_record, utc_now, write_record
+from lamda_repro.tasks.metrics import Unavailable
 
 log = logging.getLogger("lamda_repro.train")
 
@@ -207,17 +208,24 @@ def _run(
 
     t_eval = time.perf_counter()
     metrics: dict[str, float] = {"train_loss": float(train_out.training_loss)}
+    unavailable: dict[str, str] = {}
     for split in tokenized:
         if not split.startswith("eval"):
             continue
         suffix = split[len("eval") :]
         m = task.evaluate(model, tok, raw[split], tokenized[split], tr["eval_batch_size"], spec.generation)
-        metrics.update({f"{k}{suffix}": float(v) for k, v in m.items()})
+        for k, v in m.items():
+            if isinstance(v, Unavailable):
+                unavailable[f"{k}{suffix}"] = v.reason
+            else:
+                metrics[f"{k}{suffix}"] = float(v)
     eval_time = time.perf_counter() - t_eval
     for k, v in metrics.items():
         if not math.isfinite(v):
             raise FloatingPointError(f"metric {k} is not finite ({v})")
     record["metrics"] = metrics
+    if unavailable:
+        record["unavailable_metrics"] = unavailable
     train_time = tokens.train_time_s or float(train_out.metrics.get("train_runtime", 0.0))
     record["throughput"] = {
         "train_steps": int(trainer.state.global_step),

@@ -3,13 +3,14 @@
 # the smoke workflow end to end through Snakemake (workflow). All run offline on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh || exit 1
+bash scripts/install.sh --browser || exit 1
 source scripts/offline.sh
 status=0
-# Lint, format and the architecture's import layers (contracts in pyproject.toml).
+# Lint, format, the architecture's import layers and the declared dependencies (pyproject.toml).
 .venv/bin/ruff check --quiet . || status=1
 .venv/bin/ruff format --check --quiet . || status=1
 .venv/bin/lint-imports --no-cache >/dev/null || { .venv/bin/lint-imports --no-cache; status=1; }
+.venv/bin/deptry . >/dev/null 2>&1 || { .venv/bin/deptry .; status=1; }
 group() {  # pytest exits 5 when a group has no tests: that is not a failure
   .venv/bin/python -m pytest -q -m "$1" "${@:2}"
   rc=$?

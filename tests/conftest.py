@@ -9,12 +9,19 @@ import tempfile
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lamda-repro-hf-"))
+# Hypothesis keeps its caches here rather than in .hypothesis/ of the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="lamda-repro-hypothesis-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests keep no example database (nothing is written into the checkout).
+settings.register_profile("lamda-repro", database=None, deadline=None)
+settings.load_profile("lamda-repro")
 
 REPO = Path(__file__).resolve().parents[1]
 

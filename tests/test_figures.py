@@ -80,6 +80,59 @@ def test_family_figures_have_fixed_names_and_stable_bytes(tmp_path):
     assert open(written[1], "rb").read(5) == b"%PDF-"
 
 
+def generation_record(experiment, task, method, metric, score, trainable):
+    rec = record(method, "lora", task, score, trainable)
+    rec["spec"].update({"experiment": experiment, "family": "generation", "model": f"{experiment}_model"})
+    rec["metrics"] = {metric: score}
+    rec["primary_metric"] = metric
+    return rec
+
+
+def test_every_successful_run_is_plotted_per_task_where_there_is_no_average():
+    # E2E and WikiText-2 are separate experiments: no row has both tasks, so none has an average
+    recs = [
+        generation_record("e2e", "e2e", "lora", "bleu", 30.0, 1000),
+        generation_record("e2e", "e2e", "full", "bleu", 40.0, 10**5),
+        generation_record("wiki", "wikitext", "lora", "perplexity", 27.0, 1000),
+        generation_record("wiki", "wikitext", "lamda", "perplexity", 39.0, 100),
+    ]
+    panels = figures.family_panels(cells(recs), "generation", "trainable")
+    assert [p.title for p in panels] == ["e2e", "wikitext"]  # no empty average panel
+    e2e, wiki = panels
+    assert sorted(zip(e2e.points["method"], e2e.points["y"], strict=True)) == [("full", 40.0), ("lora", 30.0)]
+    assert wiki.lower_is_better and not e2e.lower_is_better and "lower is better" in wiki.ylabel
+    assert sorted(wiki.points["method"]) == ["lamda", "lora"]
+
+
+def test_a_family_with_averages_gets_an_average_panel_first_and_skips_failed_runs():
+    recs = [
+        record("lora", "lora", "a", 0.8, 1000),
+        record("lora", "lora", "b", 0.6, 3000),
+        record("lamda", "lamda", "a", 0.7, 10),
+        record("lamda", "lamda", "b", 0.0, 10, status="failed"),
+    ]
+    panels = figures.family_panels(cells(recs), "nlu", "trainable")
+    assert [p.title for p in panels] == ["avg over tasks", "a", "b"]
+    assert list(panels[0].points["method"]) == ["lora"]  # lamda has no average (task b failed)
+    assert sorted(panels[1].points["method"]) == ["lamda", "lora"] and list(panels[2].points["method"]) == [
+        "lora"
+    ]
+    assert panels[1].points.set_index("method").loc["lamda", "y"] == pytest.approx(70.0)
+
+
+def test_labels_are_a_legend_not_text_next_to_the_points(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, stem: saved.append(fig) or [])
+    recs = [record(f"method_{i}", "lora", "a", 0.8, 1000) for i in range(12)]  # all at one spot
+    figures.write_family_figures(cells(recs), "nlu", tmp_path)
+    fig = saved[0]
+    assert all(not ax.texts for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [*sorted(f"method_{i}" for i in range(12)), "m", "Pareto front"]
+    sizes = [c.get_sizes()[0] for c in fig.axes[0].collections if len(c.get_offsets()) == 1][:12]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # nested, not hidden
+
+
 def test_figures_without_runs_are_still_written(tmp_path):
     written = figures.write_family_figures(cells([]), "reasoning", tmp_path)
     assert len(written) == 6 and all((tmp_path / p.split("/")[-1]).stat().st_size > 0 for p in written)
@@ -101,6 +154,7 @@ CAPTIONS = Path(__file__).resolve().parents[1] / "workflow" / "report"
         "claims.rst",
         "table_recursive.rst",
         "figure_recursive.rst",
+        "bench.rst",
     ],
 )
 def test_report_captions_render_without_rst_warnings(name):
@@ -109,7 +163,7 @@ def test_report_captions_render_without_rst_warnings(name):
     from docutils.core import publish_parts
 
     class FakeSnakemake:
-        config = {"name": "smoke"}
+        config = {"name": "smoke", "scale": "smoke"}
         wildcards = {}
 
     text = (

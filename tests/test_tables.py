@@ -151,7 +151,7 @@ def test_average_ignores_lower_is_better_metrics():
     assert suite_row(table, "lora_r8")["avg"] == "60.00"
 
 
-def test_paper_row_is_na_unless_the_reference_holds_the_number():
+def test_paper_row_holds_the_reference_numbers_and_na_for_the_rest():
     recs = [finetune_record(task="sst2"), finetune_record(task="rte", score=0.7)]
     ref = FakeReference({("nlu", "sst2", "minilm", "lora_r8", "accuracy"): 95.1})
     table = tables.family_table(cells_of(recs), "nlu", ref)
@@ -159,16 +159,81 @@ def test_paper_row_is_na_unless_the_reference_holds_the_number():
     assert paper["sst2 (accuracy)"] == "95.10"
     assert paper["rte (accuracy)"] == tables.UNKNOWN_PAPER
     assert paper["avg"] == tables.UNKNOWN_PAPER
-    assert tables.family_table(cells_of(recs), "nlu")["sst2 (accuracy)"].iloc[1] == "n/a"
 
 
-def test_committed_reference_gives_na_for_every_paper_cell():
+def test_no_paper_row_where_the_reference_holds_no_number():
+    recs = [finetune_record(method="lora_r8"), finetune_record(method="full_ft", method_type="full", r=None)]
+    ref = FakeReference({("nlu", "sst2", "minilm", "lora_r8", "accuracy"): 95.1})
+    table = tables.family_table(cells_of(recs), "nlu", ref)
+    assert list(zip(table["method"], table["row"], strict=True)) == [
+        ("full_ft", tables.SUITE_ROW),
+        ("lora_r8", tables.SUITE_ROW),
+        ("lora_r8", tables.PAPER_ROW),
+    ]
+    assert set(tables.family_table(cells_of(recs), "nlu")["row"]) == {tables.SUITE_ROW}
+
+
+def test_committed_reference_adds_no_paper_row_while_it_holds_no_number():
     from lamda_repro.claims import load_reference
 
     ref = load_reference(Path(__file__).resolve().parents[1] / "results/reference/papers.yaml")
     recs = [finetune_record(task="sst2", model="deberta_v3_base", method="lora")]
     table = tables.family_table(cells_of(recs), "nlu", ref)
-    assert paper_row(table, "lora")["sst2 (accuracy)"] == "n/a"
+    known = ref.table_value(
+        family="nlu", task="sst2", model="deberta_v3_base", method="lora", metric="accuracy"
+    )
+    assert (tables.PAPER_ROW in set(table["row"])) == (known is not None)
+
+
+def e2e_record(method="lora_r8", seed=0, bleu=60.0, meteor=40.0, unavailable=None, status="success"):
+    rec = finetune_record(
+        task="e2e", method=method, seed=seed, metric="bleu", score=bleu, family="generation",
+        experiment="e2e", model="gpt2", status=status,
+    )  # fmt: skip
+    rec["spec"]["task_params"] = {"type": "e2e_nlg"}
+    if status == "success":
+        rec["metrics"].update({"nist": 5.5, "rougeL": 70.0, "cider": 2.5, "num_mrs": 10.0})
+        if meteor is not None:
+            rec["metrics"]["meteor"] = meteor
+    if unavailable:
+        rec["unavailable_metrics"] = unavailable
+    return rec
+
+
+def test_e2e_table_has_the_official_metric_set_as_columns():
+    recs = [e2e_record(seed=0, bleu=60.0, meteor=40.0), e2e_record(seed=1, bleu=62.0, meteor=42.0)]
+    table = tables.family_table(cells_of(recs), "generation")
+    row = suite_row(table, "lora_r8")
+    assert [c for c in table.columns if c.startswith("e2e")] == [
+        "e2e (bleu)",
+        "e2e (nist)",
+        "e2e (meteor)",
+        "e2e (rougeL)",
+        "e2e (cider)",
+    ]
+    assert row["e2e (bleu)"] == "61.00 ± 1.4142" and row["e2e (meteor)"] == "41.00 ± 1.4142"
+    assert row["e2e (nist)"] == "5.5000 ± 0.0000" and row["e2e (cider)"] == "2.5000 ± 0.0000"
+    assert row["e2e (rougeL)"] == "70.00 ± 0.0000"
+
+
+def test_meteor_without_java_says_so_in_its_cell():
+    recs = [e2e_record(meteor=None, unavailable={"meteor": "no Java"})]
+    table = tables.family_table(cells_of(recs), "generation")
+    assert suite_row(table, "lora_r8")["e2e (meteor)"] == "n/a (no Java)"
+    assert suite_row(table, "lora_r8")["e2e (bleu)"] == "60.00"
+    frame = tables.finetune_frame(recs)
+    assert frame["unavailable_meteor"].iloc[0] == "no Java" and math.isnan(frame["metric_meteor"].iloc[0])
+
+
+def test_failed_e2e_run_shows_failed_in_every_metric_column():
+    table = tables.family_table(cells_of([e2e_record(status="failed")]), "generation")
+    row = suite_row(table, "lora_r8")
+    assert {row[c] for c in table.columns if c.startswith("e2e")} == {tables.FAILED}
+
+
+def test_older_e2e_record_without_meteor_says_not_recorded():
+    table = tables.family_table(cells_of([e2e_record(meteor=None)]), "generation")
+    assert suite_row(table, "lora_r8")["e2e (meteor)"] == tables.NOT_RECORDED
 
 
 def test_methods_are_ordered_baselines_first_lamda_last():

@@ -7,6 +7,7 @@ run and the aggregation, and that malformed configs stop Snakemake before any jo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -74,6 +75,20 @@ def test_smoke_run_writes_tables_figures_claims_and_report(smoke_run):
     assert (res / "report.html").stat().st_size > 10_000
 
 
+def test_e2e_records_and_table_carry_the_official_metric_set(smoke_run):
+    records = sorted((smoke_run / "results" / "runs").rglob("*.json"))
+    e2e = [json.loads(p.read_text()) for p in records]
+    e2e = [r for r in e2e if (r.get("spec") or {}).get("task_params", {}).get("type") == "e2e_nlg"]
+    assert e2e and all(r["status"] == "success" for r in e2e)
+    for r in e2e:
+        assert {"bleu", "nist", "rougeL", "cider"} <= set(r["metrics"])
+        assert ("meteor" in r["metrics"]) != ("meteor" in r.get("unavailable_metrics", {}))
+    table = (smoke_run / "results" / "tables" / "generation.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| experiment"))
+    assert all(f"({m})" in header for m in ("bleu", "nist", "meteor", "rougeL", "cider"))
+    assert "not recorded" not in table
+
+
 def test_rerun_with_nothing_changed_runs_no_job(smoke_run):
     proc = snakemake(smoke_run, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,10 +102,40 @@ def test_deleting_one_record_reruns_only_that_run_and_aggregation(smoke_run):
     proc = snakemake(smoke_run, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _jobs(proc.stdout + proc.stderr)
-    assert jobs == {"finetune": 1, "aggregate": 1, "all": 1}, jobs
+    assert jobs == {"finetune": 1, "aggregate": 1, "report_pages": 1, "all": 1}, jobs
     proc = snakemake(smoke_run, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records[0].exists()
+
+
+def test_tests_reading_the_checkout_pass_after_a_smoke_run_left_its_outputs(smoke_run):
+    """The README's order on a fresh clone is `bash scripts/smoke.sh` then `bash scripts/test.sh`,
+    so no test may depend on what the smoke run leaves in the checkout (results/, work/, logs/,
+    .snakemake/). The smoke copy holds exactly that: the unit tests that read files of the
+    checkout (the workflow's dry runs among them) run there, as they would after smoke.sh."""
+    shutil.copytree(REPO / "tests", smoke_run / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", smoke_run / "pyproject.toml")
+    reads_checkout = re.compile(r"\bREPO\b|repo_root|parents\[1\]")
+    files = sorted(
+        f"tests/{p.name}"
+        for p in (smoke_run / "tests").glob("test_*.py")
+        if p.name != Path(__file__).name and reads_checkout.search(p.read_text())
+    )
+    assert "tests/test_paper_grid.py" in files
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not slow and not workflow",
+        *files,
+    ]
+    proc = subprocess.run(cmd, cwd=smoke_run, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert re.search(r"\d+ passed", proc.stdout) and " failed" not in proc.stdout
 
 
 BAD = [
@@ -119,3 +164,132 @@ def test_malformed_config_stops_snakemake_before_any_job(smoke_run, tmp_path, pa
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (smoke_run / "results").rglob("*") if p.is_file()}
     assert after == before  # nothing written, nothing removed
+
+
+# -- the HTML report in a browser ----------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+# Flags that let headless Chromium run as root on a machine without a display or network.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
+# Collects uncaught script errors from the first script of every page on.
+CATCH_ERRORS = """
+window.__scriptErrors = [];
+const note = (text) => window.__scriptErrors.push(text);
+window.addEventListener("error", (e) => note(`${e.message} (${e.filename}:${e.lineno})`));
+window.addEventListener("unhandledrejection", (e) => note(`unhandled rejection: ${e.reason}`));
+"""
+
+
+@pytest.fixture(scope="module")
+def report_html(smoke_run):
+    path = smoke_run / "results" / "report.html"
+    if not path.exists():
+        proc = snakemake(smoke_run, "--report", "results/report.html")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "no chromium / chromedriver on PATH: the browser check of the HTML report is skipped "
+            "(bash scripts/install.sh --browser installs Debian's chromium and chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CATCH_ERRORS})
+    yield driver
+    driver.quit()
+
+
+def _open_landing_page(driver, report):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(report.as_uri())
+    WebDriverWait(driver, 60).until(ec.presence_of_element_located((By.LINK_TEXT, "Claims ledger")))
+
+
+def _view(driver, link_text: str, result_path: str):
+    """From the landing page: follow ``link_text`` to its category, then view ``result_path``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.LINK_TEXT, link_text).click()
+    row = f"//tr[td[normalize-space(.)='{result_path}']]"
+    view = WebDriverWait(driver, 30).until(
+        ec.element_to_be_clickable((By.XPATH, f"{row}//div[@role='group']/a[1]"))
+    )
+    view.click()
+
+
+def _script_problems(driver) -> list[str]:
+    errors = driver.execute_script("return window.__scriptErrors || []")
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    return [*errors, *severe]
+
+
+def test_report_opens_in_a_browser_and_leads_to_claims_tables_and_figures(report_html, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open_landing_page(browser, report_html)
+    browser.save_screenshot(str(tmp_path / "landing.png"))
+    landing = browser.find_element(By.TAG_NAME, "body").text
+    for link in ("Claims ledger", "Tables", "Figures", "LaMDA benchmark", "Recursive Transformers"):
+        assert browser.find_elements(By.LINK_TEXT, link), f"landing page has no link {link!r}"
+    assert "Start here" in landing
+    assert _script_problems(browser) == []
+
+    pages = {  # landing link -> (result, what its page must show)
+        "Claims ledger": ("results/claims.html", "Claims ledger"),
+        "Tables": ("results/tables/nlu.html", "smoke_sst2 (accuracy)"),
+        "LaMDA benchmark": ("results/bench/lamda_bench.html", "LaMDA benchmark"),
+        "Recursive Transformers": ("results/tables/recursive.html", "recursive"),
+    }
+    for link, (result, expected) in pages.items():
+        _open_landing_page(browser, report_html)
+        _view(browser, link, result)
+        frame = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
+        browser.switch_to.frame(frame)
+        WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.TAG_NAME, "table")))
+        text = browser.find_element(By.TAG_NAME, "body").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "table tr")
+        browser.switch_to.default_content()
+        browser.save_screenshot(str(tmp_path / f"{Path(result).stem}.png"))
+        assert expected in text and len(rows) >= 2, f"{result}: {text[:300]!r}"
+        assert _script_problems(browser) == [], result
+
+    _open_landing_page(browser, report_html)
+    _view(browser, "Figures", "results/figures/nlu_quality_vs_params.png")
+    image = WebDriverWait(browser, 30).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "img[src^='data:image/png']"))
+    )
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0
+    )
+    browser.save_screenshot(str(tmp_path / "figure.png"))
+    assert _script_problems(browser) == []

@@ -3,13 +3,14 @@ forward throughput, all on the in-memory model."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from lamda_repro.tasks import metrics
 
 # The metric read for each paper task (lm-eval metric names); others default to "acc". As in the
 # paper (Appendix E): accuracy normalised by length for every task but LAMBADA and WinoGrande.
@@ -87,7 +88,8 @@ def lm_eval_accuracy(
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], max_batches: int | None = None) -> float:
-    """exp(mean next-token NLL) over the tokens of ``batches``."""
+    """exp(mean next-token NLL) over the tokens of ``batches`` (the suite's ``perplexity`` evaluate
+    module; a non-finite NLL is an error rather than an infinite perplexity)."""
     model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
@@ -101,7 +103,7 @@ def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], max_batches: i
         total_tokens += input_ids[:, 1:].numel()
     if total_tokens == 0:
         raise EvalConfigError("perplexity: the held-out corpus gave no full sequence")
-    return math.exp(total_nll / total_tokens)
+    return metrics.perplexity(total_nll, total_tokens)
 
 
 @torch.no_grad()

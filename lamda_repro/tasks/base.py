@@ -34,6 +34,8 @@ class Task:
     task_kind: ClassVar[str] = ""  # one of TASK_KINDS: decides the model head
     params_schema: ClassVar[dict[str, Any]] = {}
     required_params: ClassVar[tuple[str, ...]] = ()
+    # Metrics the family table shows for this task, in order; empty = the primary metric only.
+    table_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, params: dict[str, Any], data_files: dict[str, str] | None = None):
         self.name = name
@@ -92,8 +94,9 @@ class Task:
         eval_tokenized,
         batch_size: int,
         generation: dict[str, Any] | None = None,
-    ) -> dict[str, float]:
-        """Compute the task's metrics on the eval split."""
+    ) -> dict[str, Any]:
+        """Compute the task's metrics on the eval split: name -> number, or
+        ``metrics.Unavailable(reason)`` for a metric this machine cannot compute."""
         raise NotImplementedError
 
 

@@ -212,10 +212,12 @@ def e2e_references_by_mr(rows: list[dict[str, Any]]) -> tuple[list[str], list[li
 
 @register_task
 class E2ENLGTask(CausalLMTask):
-    """E2E NLG: meaning representation -> restaurant description, scored per unique MR."""
+    """E2E NLG: meaning representation -> restaurant description, scored per unique MR with the
+    challenge's official metric set (BLEU, NIST, METEOR, ROUGE-L, CIDEr)."""
 
     type_name = "e2e_nlg"
     family = "generation"
+    table_metrics = ("bleu", "nist", "meteor", "rougeL", "cider")
     params_schema = {
         **HUB_PARAMS_SCHEMA,
         "prompt_template": {"type": "string", "pattern": "\\{mr\\}"},
@@ -261,7 +263,9 @@ class E2ENLGTask(CausalLMTask):
         return {
             "bleu": metrics.bleu_score(predictions, references),
             "nist": metrics.nist_score(predictions, references),
+            "meteor": metrics.meteor_score(predictions, references),
             "rougeL": metrics.rouge_scores(predictions, references, ("rougeL",))["rougeL"],
+            "cider": metrics.cider_score(predictions, references),
             "num_mrs": float(len(mrs)),
         }
 

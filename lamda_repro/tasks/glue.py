@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lamda_repro.tasks import metrics
 from lamda_repro.tasks.base import Task, load_raw_splits, register_task
 
 # subset -> (text columns, number of labels (1 = regression), metric names, primary metric)
@@ -24,25 +25,8 @@ GLUE_HUB_ID = "nyu-mll/glue"
 
 
 def glue_metrics(subset: str, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """The official GLUE metrics of one subset (as the Hub 'glue' metric computes them)."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    predictions = np.asarray(predictions)
-    references = np.asarray(references)
-    out: dict[str, float] = {}
-    for m in GLUE_TASKS[subset]["metrics"]:
-        if m == "accuracy":
-            out[m] = float(accuracy_score(references, predictions))
-        elif m == "f1":
-            out[m] = float(f1_score(references, predictions))
-        elif m == "matthews_correlation":
-            out[m] = float(matthews_corrcoef(references, predictions))
-        elif m == "pearson":
-            out[m] = float(pearsonr(predictions, references)[0])
-        elif m == "spearmanr":
-            out[m] = float(spearmanr(predictions, references)[0])
-    return out
+    """The official GLUE metrics of one subset, through the suite's ``glue`` evaluate module."""
+    return metrics.glue_scores(subset, np.asarray(predictions).tolist(), np.asarray(references).tolist())
 
 
 @torch.no_grad()

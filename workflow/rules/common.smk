@@ -84,29 +84,46 @@ def report_outputs():
 
 
 def _caption(path):
+    """(caption file, report category) of an output shown in the HTML report."""
     name = Path(path).name
-    if name == "claims.md":
+    stem = name.rsplit(".", 1)[0]
+    if stem == "claims":
         return "../report/claims.rst", "Claims"
-    if name.startswith("measurements."):
+    if stem == "measurements":
         return "../report/table_measurements.rst", "Tables"
     if name == "runs.csv":
         return "../report/table_runs.rst", "Tables"
+    if stem == "recursive":
+        return "../report/table_recursive.rst", "Recursive Transformers"
+    if stem == "lamda_bench":
+        return "../report/bench.rst", "LaMDA benchmark"
     if "_quality_vs_" in name:
-        axis = name.split("_quality_vs_")[1].rsplit(".", 1)[0]
+        axis = stem.split("_quality_vs_")[1]
         return f"../report/figure_quality_{axis}.rst", "Figures"
     return "../report/table_family.rst", "Tables"
 
 
 def _reported(paths):
+    """The report shows PNG figures and HTML pages in place and offers CSV files as downloads;
+    Markdown (shown through its HTML page, rule report_pages), LaTeX and PDF stay plain files."""
     out = []
     for p in paths:
-        caption, category = _caption(p)
-        # PDFs and LaTeX stay as files; the report shows the PNG / Markdown / CSV twins.
-        if p.endswith((".pdf", ".tex")):
-            out.append(p)
-        else:
+        if p.endswith((".png", ".html", ".csv")):
+            caption, category = _caption(p)
             out.append(report(p, caption=caption, category=category))
+        else:
+            out.append(p)
     return out
+
+
+def report_markdown():
+    """The Markdown outputs that get an HTML page for the report (rule report_pages)."""
+    pages = [p for p in report_outputs() if p.endswith(".md")]
+    if REC:
+        pages.append(RECURSIVE_TABLE["md"])
+    if BENCH_ENABLED:
+        pages.append(BENCH_OUT["md"])
+    return pages
 
 
 def bench_records():

@@ -20,3 +20,22 @@ rule aggregate:
     shell:
         "lamda-repro aggregate --runs-dir {params.runs_dir} --bench-dir {params.bench_dir}"
         " --reference {input.reference} --out {params.out} --families {params.families} > {log} 2>&1"
+
+
+# The report displays images, HTML and PDF and offers other files as downloads, so every Markdown
+# output (tables, claims ledger, recursive table, LaMDA benchmark) gets an HTML page beside it.
+REPORT_PAGES = [p.removesuffix(".md") + ".html" for p in report_markdown()]
+EXTRA_TARGETS += REPORT_PAGES
+
+
+rule report_pages:
+    input:
+        report_markdown(),
+    output:
+        _reported(REPORT_PAGES),
+    log:
+        "logs/report_pages.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "lamda-repro report-pages {input:q} > {log} 2>&1"

@@ -511,11 +511,25 @@ def _first(mapping: dict, keys: tuple[str, ...]):
 
 
 def recursive_kind(run: dict[str, Any]) -> str:
-    """original | recursive | relaxed | truncated | scratch (relaxed = recursive with LoRA)."""
+    """original | recursive | relaxed | spectral | truncated | scratch (relaxed = recursive with
+    the paper's LoRA relaxation; spectral = lamda_depth / shared_basis, this suite's own
+    relaxations, which no paper claim reads)."""
     variant = str(run.get("variant") or "")
-    if variant == "recursive" and run.get("lora_rank"):
-        return "relaxed"
+    if variant == "recursive":
+        relaxation = run.get("relaxation")
+        if isinstance(relaxation, dict):
+            return "relaxed" if relaxation.get("kind", "lora") == "lora" else "spectral"
+        if run.get("lora_rank"):
+            return "relaxed"
     return variant
+
+
+def relaxation_kind(run: dict[str, Any]) -> str | None:
+    """lora | lamda_depth | shared_basis for a relaxed recursive run, else None."""
+    kind = recursive_kind(run)
+    if kind not in ("relaxed", "spectral"):
+        return None
+    return str((run.get("relaxation") or {}).get("kind", "lora"))
 
 
 def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -532,7 +546,9 @@ def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] 
                 "run_id": rec.get("run_id"),
                 "base": str(run.get("model") or ""),
                 "kind": recursive_kind(run),
-                "rank": run.get("lora_rank"),
+                "rank": run.get("lora_rank") or (run.get("relaxation") or {}).get("rank"),
+                "relaxation": relaxation_kind(run),
+                "perplexity": _first(metrics, ("perplexity",)),
                 "acc": _first(metrics, RECURSIVE_FIELDS["accuracy"]),
                 "speedup": _first(metrics, RECURSIVE_FIELDS["speedup"]),
                 "non_embedding": _first(params, ("non_embedding",)),
@@ -759,8 +775,65 @@ def evaluate_claims(reference: Reference, evidence: Evidence) -> list[dict[str, 
     return rows
 
 
-def claims_markdown(rows: list[dict[str, str]], bench_note: str = "") -> str:
-    """The ledger as Markdown: an explanation, then one table row per claim."""
+# --- the suite's own findings (not claims of either paper) ----------------------------------
+
+SPECTRAL_KINDS = ("lamda_depth", "shared_basis")
+
+
+def suite_findings(ev: Evidence) -> list[dict[str, str]]:
+    """Findings of this suite that neither paper makes, kept apart from the claims: for each
+    relaxation kind, how many of its runs lie on the Pareto front of average accuracy (and of
+    perplexity) against non-embedding parameters, among all recursive runs of the same model."""
+    from lamda_repro.tables import pareto_front
+
+    rows = recursive_rows(ev.recursive, ev.paper_models)
+    relaxed = [r for r in rows if r["relaxation"] in SPECTRAL_KINDS]
+    if not relaxed:
+        return [
+            {
+                "id": "spectral_relaxation_front",
+                "finding": "spectral relaxations (lamda_depth, shared_basis) against LoRA relaxation "
+                "at equal parameter budgets",
+                "this suite": "not yet run (needs recursive runs with relaxation.kind lamda_depth "
+                "or shared_basis)",
+                "scale": "—",
+            }
+        ]
+    parts = []
+    scales = sorted({r["scale"] for r in relaxed})
+    for base in sorted({r["base"] for r in relaxed}):
+        group = [r for r in rows if r["base"] == base and r["non_embedding"] is not None]
+        fronts = {}
+        for metric, maximize in (("acc", True), ("perplexity", False)):
+            done = [r for r in group if r[metric] is not None]
+            marks = pareto_front([r["non_embedding"] for r in done], [r[metric] for r in done], maximize)
+            fronts[metric] = {r["run_id"] for r, on in zip(done, marks, strict=True) if on}
+        for kind in ("lora", *SPECTRAL_KINDS):
+            mine = [r for r in group if r["relaxation"] == kind]
+            if not mine:
+                continue
+            acc_on = sum(r["run_id"] in fronts["acc"] for r in mine)
+            ppl_on = sum(r["run_id"] in fronts["perplexity"] for r in mine)
+            parts.append(
+                f"{base} {kind}: {acc_on}/{len(mine)} runs on the accuracy front, "
+                f"{ppl_on}/{len(mine)} on the perplexity front"
+            )
+    return [
+        {
+            "id": "spectral_relaxation_front",
+            "finding": "spectral relaxations (lamda_depth, shared_basis) against LoRA relaxation at equal "
+            "parameter budgets: Pareto fronts of accuracy / perplexity vs non-embedding parameters",
+            "this suite": "; ".join(parts),
+            "scale": ", ".join(scales),
+        }
+    ]
+
+
+def claims_markdown(
+    rows: list[dict[str, str]], bench_note: str = "", findings: list[dict[str, str]] | None = None
+) -> str:
+    """The ledger as Markdown: an explanation, one table row per claim, then (apart) the suite's
+    own findings, which are not claims of either paper."""
     from lamda_repro.tables import to_markdown
 
     lines = [
@@ -786,7 +859,15 @@ def claims_markdown(rows: list[dict[str, str]], bench_note: str = "") -> str:
     table = pd.DataFrame(
         rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
     )
-    return "\n".join(lines) + "\n" + to_markdown(table)
+    text = "\n".join(lines) + "\n" + to_markdown(table)
+    if findings:
+        text += (
+            "\n## Findings of this suite (not claims of either paper)\n\n"
+            'Measurements of ideas this suite adds beyond the papers (docs/recursive.md, "Beyond the '
+            'papers"); they carry no verdict and no paper value.\n\n'
+            + to_markdown(pd.DataFrame(findings, columns=["id", "finding", "this suite", "scale"]))
+        )
+    return text
 
 
 __all__ = [
@@ -807,4 +888,5 @@ __all__ = [
     "bench_memory_ratios",
     "recursive_rows",
     "RECURSIVE_FIELDS",
+    "suite_findings",
 ]

@@ -119,7 +119,7 @@ def cmd_relax_error(args) -> int:
                 file=sys.stderr,
             )
             return 2
-        from lamda_repro.recursive.runner import base_model_path, budget_lora_ranks
+        from lamda_repro.recursive.runner import base_model_path, budget_lora_ranks, relaxed_run_shapes
 
         section = _section(args)
         if args.model not in section["models"]:
@@ -130,6 +130,10 @@ def cmd_relax_error(args) -> int:
         path = base_model_path(section, args.model, args.workdir)
         label = args.label or section["models"][args.model].get("label", args.model)
         ranks = args.budget_lora_ranks or budget_lora_ranks(section, args.model)
+        loops, inits = relaxed_run_shapes(section, args.model)
+        args.num_loops = args.num_loops or loops
+        args.init = args.init or (inits[0] if len(inits) == 1 else None)
+    args.num_loops, args.init = args.num_loops or [2], args.init or "average"
     if not ranks:
         print("recursive-relax-error: no budgets (give --budget-lora-ranks)", file=sys.stderr)
         return 2
@@ -221,8 +225,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="model name in recursive.models (with --config / --section-json)")
     p.add_argument("--workdir", default="work", help="artifact root (default: work)")
     p.add_argument("--label", help="model name shown in the table")
-    p.add_argument("--num-loops", type=int, nargs="+", default=[2], help="B values (default: 2)")
-    p.add_argument("--init", default="average", help="shared-layer init: stepwise | average | lower | upper")
+    p.add_argument(
+        "--num-loops", type=int, nargs="+", help="B values (default: those of the relaxed runs, else 2)"
+    )
+    p.add_argument(
+        "--init",
+        help="shared-layer init: stepwise | average | lower | upper (default: the relaxed runs', "
+        "else average)",
+    )
     p.add_argument("--sharing", default="cycle", help="cycle | sequence")
     p.add_argument(
         "--budget-lora-ranks",

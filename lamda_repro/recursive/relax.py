@@ -163,8 +163,18 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def linear_map_names(layer: nn.Module) -> list[str]:
-    """Names (relative to ``layer``) of every linear map in a decoder layer."""
-    return [name for name, module in layer.named_modules() if name and is_linear_map(module)]
+    """Names (relative to ``layer``) of every linear map in a decoder layer (a relaxed map counts
+    once, under its own name, not its ``base_layer``'s)."""
+    names, relaxed = [], []
+    for name, module in layer.named_modules():
+        if not name or any(name.startswith(f"{r}.") for r in relaxed):
+            continue
+        if isinstance(module, DepthRelaxedLinear):
+            relaxed.append(name)
+            names.append(name)
+        elif is_linear_map(module):
+            names.append(name)
+    return names
 
 
 def map_shapes(layer: nn.Module, target_modules: list[str] | None = None) -> dict[str, tuple[int, int]]:

@@ -290,6 +290,12 @@ def relaxed_models(section: dict[str, Any]) -> list[str]:
     return sorted({run["model"] for run in section["runs"] if relaxation_settings(run) is not None})
 
 
+def relaxed_run_shapes(section: dict[str, Any], name: str) -> tuple[list[int], list[str]]:
+    """(num_loops values, shared-layer inits) of model ``name``'s relaxed runs."""
+    runs = [r for r in section["runs"] if r["model"] == name and relaxation_settings(r) is not None]
+    return sorted({r["num_loops"] for r in runs}), sorted({r.get("init", "stepwise") for r in runs})
+
+
 def budget_lora_ranks(section: dict[str, Any], name: str) -> list[int]:
     """The budgets (as lora ranks) of model ``name``'s relaxed runs: lora ranks of its lora runs
     and ``{lora_rank: r}`` budgets."""

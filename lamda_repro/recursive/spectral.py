@@ -330,10 +330,12 @@ def allocate_spectral(
 
 def relative_error(originals: Sequence[torch.Tensor], approximations: Sequence[torch.Tensor]) -> float:
     """sqrt(sum ||W - W_hat||^2) / sqrt(sum ||W||^2) over matrices (float64)."""
-    num = sum(
-        float((w.double() - a.double()).pow(2).sum()) for w, a in zip(originals, approximations, strict=True)
-    )
-    den = sum(float(w.double().pow(2).sum()) for w in originals)
+    with torch.no_grad():
+        num = sum(
+            float((w.double() - a.double()).pow(2).sum())
+            for w, a in zip(originals, approximations, strict=True)
+        )
+        den = sum(float(w.double().pow(2).sum()) for w in originals)
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 

@@ -352,3 +352,112 @@ def test_a_relaxed_models_record_counts_its_relaxation_both_ways(kind):
     assert info["kind"] == kind and info["budget"] == 4000
     assert info["parameters"] == info["parameters_closed_form"] == relaxation_parameters(relaxed) <= 4000
     assert sum(info["rank_histogram"].values()) == len(relaxation_ranks(relaxed))
+
+
+# -- the weight-error table ----------------------------------------------------------------------
+
+
+def test_weight_error_rows_match_the_relaxed_models():
+    from lamda_repro.recursive.relax_error import relaxation_error_rows
+
+    model = _model("llama", num_layers=4)
+    rows = relaxation_error_rows(decoder_layers(model), 2, [2], init="average", allocations=("uniform",))
+    by_kind = {r["relaxation"]: r for r in rows}
+    lora_units = spectral.units_of("lora", _maps(model), 4, 2)
+    budget = spectral.total_cost("lora", lora_units, spectral.uniform_ranks("lora", lora_units, 2))
+    for kind in KINDS:
+        relaxed = convert_to_recursive(model, 2, init="average", relaxation={"kind": kind, "budget": budget})
+        assert by_kind[kind]["parameters"] == relaxation_parameters(relaxed)
+        assert abs(by_kind[kind]["relative_error"] - _weight_error(relaxed, model)) < 1e-5
+    plain = convert_to_recursive(model, 2, init="average")
+    tied = [weight_out_in(m) for layer in decoder_layers(plain) for m in _linear_maps(layer)]
+    exact = [weight_out_in(m) for layer in decoder_layers(model) for m in _linear_maps(layer)]
+    assert abs(by_kind["none (recursive)"]["relative_error"] - spectral.relative_error(exact, tied)) < 1e-6
+
+
+def _linear_maps(layer):
+    from lamda_repro.recursive.relax import linear_map_names
+
+    return [layer.get_submodule(n) for n in linear_map_names(layer)]
+
+
+def test_docs_blocks_are_replaced_in_place():
+    from lamda_repro.recursive.report import replace_block
+
+    text = "a\n<!-- x:begin -->\nold\n<!-- x:end -->\nb\n"
+    assert replace_block(text, "x", "| new |\n") == "a\n<!-- x:begin -->\n| new |\n<!-- x:end -->\nb\n"
+    with pytest.raises(ValueError, match="no block"):
+        replace_block(text, "y", "z")
+
+
+@pytest.mark.slow
+def test_the_minilm_weight_error_table_in_the_docs_comes_from_the_command(repo_root, minilm_path):
+    from transformers import AutoModel
+
+    from lamda_repro.recursive.relax_error import error_table_markdown, find_layers, relaxation_error_rows
+
+    layers = find_layers(AutoModel.from_pretrained(minilm_path, use_safetensors=True))
+    rows = relaxation_error_rows(layers, 2, [12], kinds=("shared_basis",), allocations=("uniform",))
+    lines = error_table_markdown(rows, "all-MiniLM-L6-v2").splitlines()[2:]
+    docs = (repo_root / "docs" / "recursive.md").read_text()
+    block = docs.split("<!-- relax-error-minilm:begin -->")[1].split("<!-- relax-error-minilm:end -->")[0]
+    assert len(lines) == 2 and all(line in block.splitlines() for line in lines)
+
+
+# -- the config section: bad relaxations stop the workflow before any job ------------------------
+
+SECTION = {
+    "models": {"tiny": {"pretrain": {"num_layers": 4, "hidden_size": 32, "intermediate_size": 48}}},
+    "runs": [{"name": "full", "model": "tiny", "variant": "original"}],
+}
+
+
+@pytest.mark.parametrize(
+    "run, key, message",
+    [
+        ({"relaxation": {"kind": "svd_depth", "rank": 2}}, "relaxation.kind", "must be one of"),
+        ({"relaxation": {"kind": "lamda_depth", "rank": 33}}, "x.relaxation.rank", "rank 33 exceeds"),
+        ({"relaxation": {"kind": "shared_basis", "rank": 4, "rank_in": 65}}, "x.relaxation.rank_in", "65"),
+        ({"lora_rank": 40}, "x.lora_rank", "at most 32"),
+        ({"relaxation": {"kind": "shared_basis", "budget": 10}}, "x.relaxation.budget", "below"),
+        ({"relaxation": {"kind": "lora", "budget": 10**8}}, "x.relaxation.budget", "exceeds"),
+        (
+            {"relaxation": {"kind": "lamda_depth", "rank": 2, "init": "zero"}},
+            "x.relaxation.init",
+            "lora only",
+        ),
+        ({"lora_rank": 2, "relaxation": {"rank": 2}}, "runs.x", "not both"),
+        ({"num_loops": 3, "lora_rank": 2}, "x.num_loops", "does not divide"),
+    ],
+)
+def test_bad_relaxations_in_the_config_fail_with_one_line_naming_the_key(run, key, message):
+    import copy
+
+    from lamda_repro.recursive.runner import resolve_section
+
+    section = copy.deepcopy(SECTION)
+    section["runs"].append({"name": "x", "model": "tiny", "variant": "recursive", "num_loops": 2, **run})
+    with pytest.raises(ValueError, match=message) as info:
+        resolve_section(section)
+    assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_budgets_in_lora_ranks_resolve_to_what_lora_adds_at_that_rank():
+    from lamda_repro.recursive.runner import budget_lora_ranks, relaxation_spec, resolve_section
+
+    shared = {"kind": "shared_basis", "budget": {"lora_rank": 4}}
+    runs = [
+        {"name": "l4", "model": "tiny", "variant": "recursive", "num_loops": 2, "lora_rank": 4},
+        {"name": "s4", "model": "tiny", "variant": "recursive", "num_loops": 2, "relaxation": shared},
+    ]
+    section = resolve_section({**SECTION, "runs": runs})
+    assert budget_lora_ranks(section, "tiny") == [4]
+    maps = _maps(_model("llama"))  # the same geometry as the section's tiny model
+    spec = relaxation_spec(section["runs"][1], maps, 4, seed=3)
+    lora_cost = non_embedding_counts(tiny_config("llama", num_layers=4, **SHAPE), 2, lora_rank=4)[
+        "relaxation"
+    ]
+    assert spec.kind == "shared_basis" and spec.budget == lora_cost == 4 * 4 * sum(
+        i + o for i, o in maps.values()
+    )
+    assert spec.seed == 3 and spec.rank is None

@@ -77,13 +77,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from lamda_repro.recursive.report import plot_accuracy_vs_params, write_table
-    from lamda_repro.results import load_records
+    from lamda_repro.recursive.report import plot_accuracy_vs_params, replace_block, write_table
+    from lamda_repro.results import load_records, write_text_atomic
 
     records = load_records(args.records)
     write_table(records, args.out_stem)
     if args.figure:
         plot_accuracy_vs_params(records, args.figure)
+    if args.docs:
+        docs = Path(args.docs)
+        table = Path(args.out_stem).with_suffix(".md").read_text()
+        write_text_atomic(docs, replace_block(docs.read_text(), args.docs_block, table))
     return 0
 
 
@@ -101,12 +105,8 @@ def cmd_counts(args) -> int:
 def cmd_relax_error(args) -> int:
     from transformers import AutoModel
 
-    from lamda_repro.recursive.relax_error import (
-        error_table_markdown,
-        find_layers,
-        relaxation_error_rows,
-        replace_block,
-    )
+    from lamda_repro.recursive.relax_error import error_table_markdown, find_layers, relaxation_error_rows
+    from lamda_repro.recursive.report import replace_block
     from lamda_repro.results import write_text_atomic
 
     _setup(args)
@@ -205,6 +205,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--records", nargs="*", default=[], help="record JSON files")
     p.add_argument("--out-stem", required=True, help="writes <stem>.md, .csv, .tex")
     p.add_argument("--figure", help="figure path (png/pdf)")
+    p.add_argument("--docs", help="Markdown file whose block --docs-block receives the table")
+    p.add_argument("--docs-block", default="recursive-table", help="block name: <!-- NAME:begin --> ... end")
     p.set_defaults(func=cmd_table)
 
     p = subparsers.add_parser("recursive-counts", help="non-embedding parameter counts from a config")

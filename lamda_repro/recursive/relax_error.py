@@ -180,21 +180,10 @@ def error_table_markdown(rows: list[dict[str, Any]], label: str) -> str:
     return to_markdown(table)
 
 
-def replace_block(text: str, name: str, content: str) -> str:
-    """``text`` with the lines between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in text or end not in text:
-        raise ValueError(f"no block {begin} ... {end} in the file")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{content.rstrip()}\n{end}{tail}"
-
-
 __all__ = [
     "find_layers",
     "layer_weights",
     "shared_weights",
     "relaxation_error_rows",
     "error_table_markdown",
-    "replace_block",
 ]

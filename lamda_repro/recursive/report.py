@@ -22,6 +22,15 @@ _MARKERS = {
     "lamda_depth": "D",
     "shared_basis": "P",
 }
+_COLORS = {
+    "full": "tab:brown",
+    "recursive": "tab:orange",
+    "truncated": "tab:blue",
+    "scratch": "tab:purple",
+    "lora": "tab:gray",
+    "lamda_depth": "tab:green",
+    "shared_basis": "tab:red",
+}
 _LABELS = {
     "full": "full size",
     "recursive": "recursive",
@@ -186,6 +195,17 @@ def write_table(records: list[dict[str, Any]], out_stem: str | Path) -> pd.DataF
 
 def _panel(ax, frame: pd.DataFrame, column: str, maximize: bool, scale: float, ylabel: str) -> None:
     done = frame.dropna(subset=[column, "non_embedding_params"]) if column in frame else frame.iloc[0:0]
+    if done.empty:
+        return
+    values = done[column].astype(float) * scale
+    # Far-off points (e.g. a model from scratch) would flatten the rest: they are drawn at the
+    # panel's edge, with their value written next to them.
+    best = values.max() if maximize else values.min()
+    limit = best - 0.5 * abs(best) if maximize else 1.5 * best
+    far = values < limit if maximize else values > limit
+    near = values[~far]
+    low, high = near.min(), near.max()
+    pad = 0.08 * max(high - low, 1e-9)
     seen = set()
     for _, group in done.groupby("model"):
         xs = list(group["non_embedding_params"].astype(float) / 1e6)
@@ -193,14 +213,19 @@ def _panel(ax, frame: pd.DataFrame, column: str, maximize: bool, scale: float, y
         for x, y, kind, run in zip(xs, ys, group["kind"], group["run"], strict=True):
             label = _LABELS.get(kind, kind) if kind not in seen else None
             seen.add(kind)
-            ax.scatter(x, y, marker=_MARKERS.get(kind, "x"), s=45, label=label, zorder=3)
-            ax.annotate(run, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            off = y < limit if maximize else y > limit
+            shown = (low - pad if maximize else high + pad) if off else y
+            style = dict(marker=_MARKERS.get(kind, "x"), color=_COLORS.get(kind, "black"), s=45, zorder=3)
+            ax.scatter(x, shown, label=label, **style)
+            text = f"{run} ({y:.1f}, off scale)" if off else run
+            ax.annotate(text, (x, shown), fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = [(x, y) for x, y, on in zip(xs, ys, pareto_front(xs, ys, maximize), strict=True) if on]
-        front.sort()
+        front = sorted((x, y) for x, y in front if not (y < limit if maximize else y > limit))
         if front:
             fx, fy = zip(*front, strict=True)
             ax.step(fx, fy, where="post", color="black", lw=1, ls="--", zorder=2)
             ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", lw=1, zorder=4)
+    ax.set_ylim(low - 2 * pad, high + 2 * pad)
     ax.set_xlabel("non-embedding parameters (M)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -230,3 +255,14 @@ def plot_accuracy_vs_params(records: list[dict[str, Any]], out_path: str | Path)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """``text`` with the lines between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced
+    (how generated tables enter the docs)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"no block {begin} ... {end} in the file")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{content.rstrip()}\n{end}{tail}"

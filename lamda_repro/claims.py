@@ -855,11 +855,12 @@ def claims_markdown(
         lines += [f"LaMDA benchmark: {bench_note}.", ""]
     if not rows:
         lines += ["No claims in the reference file.", ""]
-        return "\n".join(lines)
-    table = pd.DataFrame(
-        rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
-    )
-    text = "\n".join(lines) + "\n" + to_markdown(table)
+        text = "\n".join(lines)
+    else:
+        table = pd.DataFrame(
+            rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
+        )
+        text = "\n".join(lines) + "\n" + to_markdown(table)
     if findings:
         text += (
             "\n## Findings of this suite (not claims of either paper)\n\n"

@@ -461,3 +461,93 @@ def test_budgets_in_lora_ranks_resolve_to_what_lora_adds_at_that_rank():
         i + o for i, o in maps.values()
     )
     assert spec.seed == 3 and spec.rank is None
+
+
+# -- table, figure and ledger --------------------------------------------------------------------
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    from lamda_repro.tables import pareto_front
+
+    xs, ys = [1, 2, 2, 3, 4], [0.5, 0.7, 0.6, 0.7, 0.9]
+    assert pareto_front(xs, ys) == [True, True, False, False, True]
+    assert pareto_front(xs, [3.9, 3.7, 3.8, 3.6, 3.6], maximize=False) == [True, True, False, True, False]
+    assert pareto_front([1, 1], [0.5, 0.5]) == [True, True]  # ties dominate neither
+
+
+def _relaxed_record(name, kind, params, acc, ppl, budget=None, rank=None):
+    run = {"name": name, "model": "tiny", "variant": "recursive", "num_loops": 2, "init": "average"}
+    if kind == "lora" and rank:
+        run["lora_rank"] = rank
+    elif kind is not None:
+        run["relaxation"] = {"kind": kind, "budget": {"lora_rank": budget}}
+    info = {"kind": kind, "budget": 100, "allocation": "uniform", "rank_histogram": {"7": 21}} if kind else {}
+    return {
+        "kind": "recursive",
+        "run_id": f"tiny--{name}",
+        "status": "success",
+        "spec": {"run": run, "model": {"label": "tiny", "pretrain": {}}},
+        "params": {"non_embedding": params, "non_embedding_base": 2000},
+        "method_info": {"relaxation": info} if kind else {},
+        "metrics": {"acc_t": acc, "average": acc, "perplexity": ppl},
+    }
+
+
+RECORDS = [
+    {
+        **_relaxed_record("full", None, 2000, 0.80, 3.5),
+        "spec": {
+            "run": {"name": "full", "model": "tiny", "variant": "original"},
+            "model": {"label": "tiny", "pretrain": {}},
+        },
+    },
+    _relaxed_record("rrt-r4", "lora", 1300, 0.70, 3.70, rank=4),
+    _relaxed_record("shared-b4", "shared_basis", 1290, 0.72, 3.65, budget=4),
+    _relaxed_record("lamda-b4", "lamda_depth", 1250, 0.60, 3.90, budget=4),
+]
+
+
+def test_the_table_describes_relaxations_and_marks_the_fronts(tmp_path):
+    from lamda_repro.recursive.report import plot_accuracy_vs_params, write_table
+
+    frame = write_table(RECORDS, tmp_path / "t")
+    fronts = dict(zip(frame["run"], frame["front"], strict=True))
+    assert fronts == {"lamda-b4": "acc, ppl", "shared-b4": "acc, ppl", "rrt-r4": "", "full": "acc, ppl"}
+    md = (tmp_path / "t.md").read_text()
+    assert "relaxed shared_basis (r=7, budget = lora r=4) B=2 cycle average" in md and "| Front |" in md
+    assert plot_accuracy_vs_params(RECORDS, tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_spectral_runs_stay_out_of_the_paper_claims_and_enter_the_findings():
+    from lamda_repro import claims
+
+    evidence = claims.Evidence.from_records(RECORDS)
+    kinds = {r["run_id"]: r["kind"] for r in claims.recursive_rows(evidence.recursive)}
+    assert kinds == {
+        "tiny--full": "original",
+        "tiny--rrt-r4": "relaxed",
+        "tiny--shared-b4": "spectral",
+        "tiny--lamda-b4": "spectral",
+    }
+    on_par = claims.check_relaxed_on_par({"tolerance": 0.03}, evidence)
+    assert "r=4 70.00%" in on_par.measured  # the best relaxed run is the lora one, not shared-b4 (72%)
+    (finding,) = claims.suite_findings(evidence)
+    assert "tiny shared_basis: 1/1 runs on the accuracy front" in finding["this suite"]
+    assert "tiny lora: 0/1 runs on the accuracy front" in finding["this suite"]
+    assert "Findings of this suite (not claims of either paper)" in claims.claims_markdown(
+        [], findings=[finding]
+    )
+    rows = [
+        {
+            "id": "c",
+            "paper": "p",
+            "claim": "x",
+            "source": "s",
+            "paper value": "v",
+            "this suite": "m",
+            "scale": "smoke",
+            "verdict": "ok",
+        }
+    ]
+    text = claims.claims_markdown(rows, findings=[finding])
+    assert text.index("Findings of this suite") > text.index("| c |")

@@ -230,3 +230,12 @@ def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
         {**section, "models": {"tiny": {"path": str(tmp_path / "missing")}}}, "tiny--rrt", tmp_path, "cpu"
     )
     assert failed["status"] == "failed" and failed["error"]
+
+
+def test_local_tasks_skip_the_harness_catalogue(tmp_path):
+    from lamda_repro.recursive.evaluate import task_manager
+
+    tasks = corpus.write_smoke_tasks(tmp_path / "tasks", seed=0, test_size=2, train_size=2)
+    manager = task_manager(tasks, str(tmp_path / "tasks"))
+    assert sorted(manager.match_tasks(tasks)) == sorted(tasks)
+    assert manager.match_tasks(["hellaswag"]) == []  # the catalogue was not indexed

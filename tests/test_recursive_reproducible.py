@@ -23,6 +23,7 @@ base = tiny_causal_lm("llama", vocab_size=64, hidden_size=32, num_layers=4, num_
 if sys.argv[1] == "disturbed":
     torch.manual_seed(999)
 runs = {
+    "stepwise": {"init": "stepwise"},
     "random": {"init": "random"},
     "zero-lora": {"init": "average", "lora_rank": 4, "lora_init": "zero"},
     "svd-lora": {"init": "average", "lora_rank": 4},
@@ -39,10 +40,11 @@ for name, extra in runs.items():
         digest.update(key.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
     out[name] = digest.hexdigest()
-scratch = build_variant(base, {"name": "s", "model": "m", "variant": "scratch", "num_loops": 2}, seed=7)
-out["scratch"] = hashlib.sha256(
-    b"".join(t.detach().numpy().tobytes() for _, t in sorted(scratch.state_dict().items()))
-).hexdigest()
+for variant in ("scratch", "truncated", "original"):
+    built = build_variant(base, {"name": "s", "model": "m", "variant": variant, "num_loops": 2}, seed=7)
+    out[variant] = hashlib.sha256(
+        b"".join(t.detach().numpy().tobytes() for _, t in sorted(built.state_dict().items()))
+    ).hexdigest()
 print(json.dumps(out))
 """
 
@@ -58,5 +60,15 @@ def _build(mode: str) -> dict:
 @pytest.mark.slow
 def test_each_variant_is_bit_identical_across_fresh_processes():
     first, second = _build("plain"), _build("disturbed")
-    assert set(first) == {"random", "zero-lora", "svd-lora", "lamda", "shared", "scratch"}
+    assert set(first) == {
+        "stepwise",
+        "random",
+        "zero-lora",
+        "svd-lora",
+        "lamda",
+        "shared",
+        "scratch",
+        "truncated",
+        "original",
+    }
     assert first == second

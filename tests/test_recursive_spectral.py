@@ -551,3 +551,23 @@ def test_spectral_runs_stay_out_of_the_paper_claims_and_enter_the_findings():
     ]
     text = claims.claims_markdown(rows, findings=[finding])
     assert text.index("Findings of this suite") > text.index("| c |")
+
+
+def test_cli_counts_each_relaxation(tmp_path, capsys):
+    import json
+
+    from lamda_repro.recursive.cli import main
+
+    tiny_config("llama", num_layers=4, **SHAPE).save_pretrained(tmp_path)
+    totals = {}
+    for kind in KINDS:
+        argv = ["recursive-counts", "--model-config", str(tmp_path), "--lora-rank", "4", "--relaxation", kind]
+        assert main(argv) == 0
+        totals[kind] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["relaxation"]
+    maps = _maps(_model("llama"))
+    per_layer = sum(i + o for i, o in maps.values())
+    assert totals == {
+        "lora": 4 * 4 * per_layer,
+        "lamda_depth": 4 * (4 * per_layer + 7 * 16),
+        "shared_basis": 2 * (4 * per_layer + 7 * 2 * 16),
+    }

@@ -98,7 +98,10 @@ def cmd_counts(args) -> int:
 
     config = AutoConfig.from_pretrained(args.model_config)
     for rank in args.lora_rank or [None]:
-        print(json.dumps(non_embedding_counts(config, args.num_loops, rank)))
+        counts = non_embedding_counts(
+            config, args.num_loops, rank, relaxation=args.relaxation, rank_in=args.rank_in
+        )
+        print(json.dumps(counts))
     return 0
 
 
@@ -213,6 +216,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model-config", required=True, help="folder with config.json, or a Hub id")
     p.add_argument("--num-loops", type=int, default=2)
     p.add_argument("--lora-rank", type=int, nargs="*", help="relaxed ranks to count")
+    p.add_argument(
+        "--relaxation",
+        default="lora",
+        help="relaxation kind: lora | lamda_depth | shared_basis (default lora)",
+    )
+    p.add_argument("--rank-in", type=int, help="shared_basis: rank of V (default: the rank)")
     p.set_defaults(func=cmd_counts)
 
     p = subparsers.add_parser(

@@ -571,3 +571,14 @@ def test_cli_counts_each_relaxation(tmp_path, capsys):
         "lamda_depth": 4 * (4 * per_layer + 7 * 16),
         "shared_basis": 2 * (4 * per_layer + 7 * 2 * 16),
     }
+
+
+def test_a_local_model_folder_is_checked_before_any_job_and_a_hub_id_when_it_builds(tmp_path):
+    from lamda_repro.recursive.runner import RecursiveRunError, resolve_section
+
+    tiny_config("llama", num_layers=4, **SHAPE).save_pretrained(tmp_path)
+    run = {"name": "x", "model": "m", "variant": "recursive", "num_loops": 2, "lora_rank": 33}
+    with pytest.raises(RecursiveRunError, match="recursive.runs.x.lora_rank: rank 33 exceeds"):
+        resolve_section({"models": {"m": {"path": str(tmp_path)}}, "runs": [run]})
+    # Without the config at hand (a Hub id offline) only the settings are checked here.
+    assert resolve_section({"models": {"m": {"path": "org/not-here"}}, "runs": [run]})["runs"]

@@ -218,7 +218,7 @@ def _config_geometry(section: dict[str, Any], name: str) -> tuple[int, dict[str,
                 num_kv_heads=p["num_kv_heads"],
                 intermediate_size=p["intermediate_size"],
             )
-        elif (Path(entry.get("path", "")) / "config.json").is_file():
+        elif entry.get("path") and (Path(entry["path"]) / "config.json").is_file():
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(entry["path"])

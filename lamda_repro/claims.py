@@ -543,10 +543,16 @@ def _first(mapping: dict, keys: tuple[str, ...]):
 
 
 def recursive_kind(run: dict[str, Any]) -> str:
-    """original | recursive | relaxed | truncated | scratch (relaxed = recursive with LoRA)."""
+    """original | recursive | relaxed | spectral | truncated | scratch (relaxed = recursive with
+    the paper's LoRA relaxation; spectral = lamda_depth / shared_basis, this suite's own
+    relaxations, which no paper claim reads)."""
     variant = str(run.get("variant") or "")
-    if variant == "recursive" and run.get("lora_rank"):
-        return "relaxed"
+    if variant == "recursive":
+        relaxation = run.get("relaxation")
+        if isinstance(relaxation, dict):
+            return "relaxed" if relaxation.get("kind", "lora") == "lora" else "spectral"
+        if run.get("lora_rank"):
+            return "relaxed"
     return variant
 
 
@@ -568,6 +574,14 @@ def _record_kd(spec: dict[str, Any]) -> str | None:
     return str(up.get("kd_loss") or "forward_kl")
 
 
+def relaxation_kind(run: dict[str, Any]) -> str | None:
+    """lora | lamda_depth | shared_basis for a relaxed recursive run, else None."""
+    kind = recursive_kind(run)
+    if kind not in ("relaxed", "spectral"):
+        return None
+    return str((run.get("relaxation") or {}).get("kind", "lora"))
+
+
 def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Successful recursive records as flat dicts (see RECURSIVE_FIELDS for what is read)."""
     rows = []
@@ -578,7 +592,8 @@ def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] 
         run = spec.get("run") or {}
         metrics, params = rec.get("metrics") or {}, rec.get("params") or {}
         variant = str(run.get("variant") or "")
-        rank = run.get("lora_rank")
+        relaxation = run.get("relaxation") or {}
+        rank = run.get("lora_rank") or relaxation.get("rank")
         kd = _record_kd(spec)
         teacher = spec.get("teacher")
         if teacher is None and kd is not None and run.get("teacher"):
@@ -594,10 +609,12 @@ def recursive_rows(records: list[dict[str, Any]], paper_models: tuple[str, ...] 
                 "init": run.get("init", "stepwise") if variant == "recursive" else None,
                 "sharing": run.get("sharing", "cycle") if variant == "recursive" else None,
                 "rank": rank,
-                "lora_init": run.get("lora_init", "svd") if rank else None,
+                "lora_init": (run.get("lora_init") or relaxation.get("init", "svd")) if rank else None,
+                "relaxation": relaxation_kind(run),
                 "tokens": _record_tokens(rec),
                 "kd": kd,
                 "teacher": teacher if kd is not None else None,
+                "perplexity": _first(metrics, ("perplexity",)),
                 "acc": _first(metrics, RECURSIVE_FIELDS["accuracy"]),
                 "speedup": _first(metrics, RECURSIVE_FIELDS["speedup"]),
                 "non_embedding": _first(params, ("non_embedding",)),
@@ -951,8 +968,65 @@ def evaluate_claims(reference: Reference, evidence: Evidence) -> list[dict[str, 
     return rows
 
 
-def claims_markdown(rows: list[dict[str, str]], bench_note: str = "") -> str:
-    """The ledger as Markdown: an explanation, then one table row per claim."""
+# --- the suite's own findings (not claims of either paper) ----------------------------------
+
+SPECTRAL_KINDS = ("lamda_depth", "shared_basis")
+
+
+def suite_findings(ev: Evidence) -> list[dict[str, str]]:
+    """Findings of this suite that neither paper makes, kept apart from the claims: for each
+    relaxation kind, how many of its runs lie on the Pareto front of average accuracy (and of
+    perplexity) against non-embedding parameters, among all recursive runs of the same model."""
+    from lamda_repro.tables import pareto_front
+
+    rows = recursive_rows(ev.recursive, ev.paper_models)
+    relaxed = [r for r in rows if r["relaxation"] in SPECTRAL_KINDS]
+    if not relaxed:
+        return [
+            {
+                "id": "spectral_relaxation_front",
+                "finding": "spectral relaxations (lamda_depth, shared_basis) against LoRA relaxation "
+                "at equal parameter budgets",
+                "this suite": "not yet run (needs recursive runs with relaxation.kind lamda_depth "
+                "or shared_basis)",
+                "scale": "—",
+            }
+        ]
+    parts = []
+    scales = sorted({r["scale"] for r in relaxed})
+    for base in sorted({r["base"] for r in relaxed}):
+        group = [r for r in rows if r["base"] == base and r["non_embedding"] is not None]
+        fronts = {}
+        for metric, maximize in (("acc", True), ("perplexity", False)):
+            done = [r for r in group if r[metric] is not None]
+            marks = pareto_front([r["non_embedding"] for r in done], [r[metric] for r in done], maximize)
+            fronts[metric] = {r["run_id"] for r, on in zip(done, marks, strict=True) if on}
+        for kind in ("lora", *SPECTRAL_KINDS):
+            mine = [r for r in group if r["relaxation"] == kind]
+            if not mine:
+                continue
+            acc_on = sum(r["run_id"] in fronts["acc"] for r in mine)
+            ppl_on = sum(r["run_id"] in fronts["perplexity"] for r in mine)
+            parts.append(
+                f"{base} {kind}: {acc_on}/{len(mine)} runs on the accuracy front, "
+                f"{ppl_on}/{len(mine)} on the perplexity front"
+            )
+    return [
+        {
+            "id": "spectral_relaxation_front",
+            "finding": "spectral relaxations (lamda_depth, shared_basis) against LoRA relaxation at equal "
+            "parameter budgets: Pareto fronts of accuracy / perplexity vs non-embedding parameters",
+            "this suite": "; ".join(parts),
+            "scale": ", ".join(scales),
+        }
+    ]
+
+
+def claims_markdown(
+    rows: list[dict[str, str]], bench_note: str = "", findings: list[dict[str, str]] | None = None
+) -> str:
+    """The ledger as Markdown: an explanation, one table row per claim, then (apart) the suite's
+    own findings, which are not claims of either paper."""
     from lamda_repro.tables import to_markdown
 
     lines = [
@@ -977,11 +1051,20 @@ def claims_markdown(rows: list[dict[str, str]], bench_note: str = "") -> str:
         lines += [f"LaMDA benchmark: {bench_note}.", ""]
     if not rows:
         lines += ["No claims in the reference file.", ""]
-        return "\n".join(lines)
-    table = pd.DataFrame(
-        rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
-    )
-    return "\n".join(lines) + "\n" + to_markdown(table)
+        text = "\n".join(lines)
+    else:
+        table = pd.DataFrame(
+            rows, columns=["id", "paper", "claim", "source", "paper value", "this suite", "scale", "verdict"]
+        )
+        text = "\n".join(lines) + "\n" + to_markdown(table)
+    if findings:
+        text += (
+            "\n## Findings of this suite (not claims of either paper)\n\n"
+            'Measurements of ideas this suite adds beyond the papers (docs/recursive.md, "Beyond the '
+            'papers"); they carry no verdict and no paper value.\n\n'
+            + to_markdown(pd.DataFrame(findings, columns=["id", "finding", "this suite", "scale"]))
+        )
+    return text
 
 
 __all__ = [
@@ -1004,4 +1087,5 @@ __all__ = [
     "setting_gaps",
     "structure_matches",
     "RECURSIVE_FIELDS",
+    "suite_findings",
 ]

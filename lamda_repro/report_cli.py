@@ -65,7 +65,7 @@ def aggregate(
 ) -> list[str]:
     """Write every table, figure and the claims ledger; return the paths written."""
     from lamda_repro import tables
-    from lamda_repro.claims import Evidence, claims_markdown, evaluate_claims, load_reference
+    from lamda_repro.claims import Evidence, claims_markdown, evaluate_claims, load_reference, suite_findings
     from lamda_repro.figures import write_family_figures
 
     reference = load_reference(reference_path)
@@ -121,7 +121,11 @@ def aggregate(
     written.append(str(runs_csv))
 
     evidence = Evidence.from_records(records, bench_dir, reference.paper_models)
-    ledger = claims_markdown(evaluate_claims(reference, evidence), bench_note=evidence.bench_note)
+    ledger = claims_markdown(
+        evaluate_claims(reference, evidence),
+        bench_note=evidence.bench_note,
+        findings=suite_findings(evidence),
+    )
     claims_path = out / CLAIMS_FILE
     write_text_atomic(claims_path, ledger)
     written.append(str(claims_path))

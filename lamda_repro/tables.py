@@ -683,3 +683,18 @@ def write_table(table: pd.DataFrame, stem, title: str, notes: Iterable[str] = ()
     write_text_atomic(paths[1], to_latex(table, caption=title, label=f"tab:{stem.name}"))
     write_text_atomic(paths[2], to_csv(table))
     return [str(p) for p in paths]
+
+
+def pareto_front(xs, ys, maximize: bool = True) -> list[bool]:
+    """Which points (x = cost, y = quality) no other point dominates: another point dominates one
+    when it costs no more and is at least as good, and is strictly better in one of the two."""
+    xs, ys = list(xs), list(ys)
+    sign = 1.0 if maximize else -1.0
+    out = []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        dominated = any(
+            j != i and xs[j] <= x and sign * ys[j] >= sign * y and (xs[j] < x or sign * ys[j] > sign * y)
+            for j in range(len(xs))
+        )
+        out.append(not dominated)
+    return out

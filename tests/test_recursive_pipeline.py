@@ -356,3 +356,12 @@ def test_a_student_distils_from_its_teachers_saved_model(tmp_path):
     assert student["tokens_seen"] == from_base["tokens_seen"] == 2 * 4 * 32
     # Same student, same data and seed: only the teacher differs, and so does the loss.
     assert student["train"]["first_loss"] != from_base["train"]["first_loss"]
+
+
+def test_local_tasks_skip_the_harness_catalogue(tmp_path):
+    from lamda_repro.recursive.evaluate import task_manager
+
+    tasks = corpus.write_smoke_tasks(tmp_path / "tasks", seed=0, test_size=2, train_size=2)
+    manager = task_manager(tasks, str(tmp_path / "tasks"))
+    assert sorted(manager.match_tasks(tasks)) == sorted(tasks)
+    assert manager.match_tasks(["hellaswag"]) == []  # the catalogue was not indexed

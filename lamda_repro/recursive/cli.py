@@ -6,6 +6,7 @@ recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
 recursive-table     table (md/csv/tex) and figure from records
 recursive-counts    non-embedding parameter counts of a model config
 recursive-bench     forward tokens/s and weight memory: original vs converted
+recursive-relax-error  relative weight error of each relaxation and budget (no training)
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from lamda_repro.recursive.report import plot_accuracy_vs_params, write_table
-    from lamda_repro.results import load_records
+    from lamda_repro.recursive.report import plot_accuracy_vs_params, replace_block, write_table
+    from lamda_repro.results import load_records, write_text_atomic
 
     records = load_records(args.records)
     cells = []
@@ -88,6 +89,10 @@ def cmd_table(args) -> int:
     write_table(records, args.out_stem, cells)
     if args.figure:
         plot_accuracy_vs_params(records, args.figure)
+    if args.docs:
+        docs = Path(args.docs)
+        table = Path(args.out_stem).with_suffix(".md").read_text()
+        write_text_atomic(docs, replace_block(docs.read_text(), args.docs_block, table))
     return 0
 
 
@@ -98,7 +103,69 @@ def cmd_counts(args) -> int:
 
     config = AutoConfig.from_pretrained(args.model_config)
     for rank in args.lora_rank or [None]:
-        print(json.dumps(non_embedding_counts(config, args.num_loops, rank)))
+        counts = non_embedding_counts(
+            config, args.num_loops, rank, relaxation=args.relaxation, rank_in=args.rank_in
+        )
+        print(json.dumps(counts))
+    return 0
+
+
+def cmd_relax_error(args) -> int:
+    from transformers import AutoModel
+
+    from lamda_repro.recursive.relax_error import error_table_markdown, find_layers, relaxation_error_rows
+    from lamda_repro.recursive.report import replace_block
+    from lamda_repro.results import write_text_atomic
+
+    _setup(args)
+    if args.model_path:
+        path, label, ranks = args.model_path, args.label or Path(args.model_path).name, args.budget_lora_ranks
+    else:
+        if not args.model or not (args.config or args.section_json):
+            print(
+                "recursive-relax-error: give --model-path, or --config/--section-json with --model",
+                file=sys.stderr,
+            )
+            return 2
+        from lamda_repro.recursive.runner import base_model_path, budget_lora_ranks, relaxed_run_shapes
+
+        section = _section(args)
+        if args.model not in section["models"]:
+            print(
+                f"recursive-relax-error: --model {args.model!r} is not in recursive.models", file=sys.stderr
+            )
+            return 2
+        path = base_model_path(section, args.model, args.workdir)
+        label = args.label or section["models"][args.model].get("label", args.model)
+        ranks = args.budget_lora_ranks or budget_lora_ranks(section, args.model)
+        loops, inits = relaxed_run_shapes(section, args.model)
+        args.num_loops = args.num_loops or loops
+        args.init = args.init or (inits[0] if len(inits) == 1 else None)
+    args.num_loops, args.init = args.num_loops or [2], args.init or "average"
+    if not ranks:
+        print("recursive-relax-error: no budgets (give --budget-lora-ranks)", file=sys.stderr)
+        return 2
+    model = AutoModel.from_pretrained(path, use_safetensors=True)
+    layers = find_layers(model)
+    rows = []
+    for loops in args.num_loops:
+        rows += relaxation_error_rows(layers, loops, ranks, init=args.init, sharing=args.sharing)
+    table = error_table_markdown(rows, label)
+    if args.out_stem:
+        import pandas as pd
+
+        from lamda_repro.tables import to_csv
+
+        stem = Path(args.out_stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(stem.with_suffix(".md"), table)
+        write_text_atomic(
+            stem.with_suffix(".csv"), to_csv(pd.DataFrame([{"model": label, **r} for r in rows]))
+        )
+    if args.docs:
+        docs = Path(args.docs)
+        write_text_atomic(docs, replace_block(docs.read_text(), args.docs_block, table))
+    print(table)
     return 0
 
 
@@ -149,13 +216,56 @@ def add_cli(subparsers) -> None:
     p.add_argument(
         "--reference", help="reference file (results/reference/papers.yaml): adds the paper's numbers as rows"
     )
+    p.add_argument("--docs", help="Markdown file whose block --docs-block receives the table")
+    p.add_argument("--docs-block", default="recursive-table", help="block name: <!-- NAME:begin --> ... end")
     p.set_defaults(func=cmd_table)
 
     p = subparsers.add_parser("recursive-counts", help="non-embedding parameter counts from a config")
     p.add_argument("--model-config", required=True, help="folder with config.json, or a Hub id")
     p.add_argument("--num-loops", type=int, default=2)
     p.add_argument("--lora-rank", type=int, nargs="*", help="relaxed ranks to count")
+    p.add_argument(
+        "--relaxation",
+        default="lora",
+        help="relaxation kind: lora | lamda_depth | shared_basis (default lora)",
+    )
+    p.add_argument("--rank-in", type=int, help="shared_basis: rank of V (default: the rank)")
     p.set_defaults(func=cmd_counts)
+
+    p = subparsers.add_parser(
+        "recursive-relax-error", help="relative weight error of each relaxation and budget (no training)"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-path", help="model folder with safetensors weights (decoder or encoder)")
+    source.add_argument(
+        "--config", nargs="+", help="config YAML file(s): the model is --model of recursive.models"
+    )
+    source.add_argument("--section-json", help="the recursive: section as a JSON string")
+    p.add_argument("--model", help="model name in recursive.models (with --config / --section-json)")
+    p.add_argument("--workdir", default="work", help="artifact root (default: work)")
+    p.add_argument("--label", help="model name shown in the table")
+    p.add_argument(
+        "--num-loops", type=int, nargs="+", help="B values (default: those of the relaxed runs, else 2)"
+    )
+    p.add_argument(
+        "--init",
+        help="shared-layer init: stepwise | average | lower | upper (default: the relaxed runs', "
+        "else average)",
+    )
+    p.add_argument("--sharing", default="cycle", help="cycle | sequence")
+    p.add_argument(
+        "--budget-lora-ranks",
+        type=int,
+        nargs="*",
+        help="budgets as lora ranks (default with --config: those of the model's relaxed runs)",
+    )
+    p.add_argument("--out-stem", help="write <stem>.md and <stem>.csv")
+    p.add_argument("--docs", help="Markdown file whose block --docs-block is replaced by the table")
+    p.add_argument(
+        "--docs-block", default="relax-error", help="block name: <!-- NAME:begin --> ... <!-- NAME:end -->"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(func=cmd_relax_error)
 
     p = subparsers.add_parser(
         "recursive-bench", help="forward tokens/s and weight memory, original vs converted"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lamda_repro.recursive.relax import LoraSpec, add_depth_lora, relax_recursive
+from lamda_repro.recursive.relax import RelaxationSpec, add_depth_relaxation, relax_recursive
 from lamda_repro.recursive.spec import (  # noqa: F401  (re-exported: the conversion API)
     INIT_METHODS,
     RECURSION_CONFIG_KEY,
@@ -31,6 +31,7 @@ from lamda_repro.recursive.spec import (  # noqa: F401  (re-exported: the conver
     check_recursion,
     decoder_layers,
     recursion_spec,
+    seeded,
 )
 
 
@@ -48,15 +49,17 @@ def tie_positions(model: nn.Module, spec: RecursionSpec) -> None:
             setattr(target, param_name, owner_params[name])
 
 
-def _initialize_shared(model: nn.Module, original_layers, spec: RecursionSpec) -> None:
-    """Write the initial weights of every shared layer into its owner position."""
+def _initialize_shared(model: nn.Module, original_layers, spec: RecursionSpec, seed: int = 0) -> None:
+    """Write the initial weights of every shared layer into its owner position (random init: the
+    model's own init, drawn from generators seeded by ``seed``)."""
     layers = decoder_layers(model)
     for shared in range(spec.num_shared):
         owner = layers[spec.owner(shared)]
         sources = spec.source_layers(shared)
         if not sources:  # random init
-            for module in owner.modules():
-                model._init_weights(module)
+            with seeded(seed + shared):
+                for module in owner.modules():
+                    model._init_weights(module)
             continue
         source_params = [dict(original_layers[s].named_parameters()) for s in sources]
         with torch.no_grad():
@@ -75,6 +78,8 @@ def convert_to_recursive(
     per_position_vectors: bool = False,
     target_modules: list[str] | None = None,
     inplace: bool = False,
+    relaxation: RelaxationSpec | dict | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Return a Recursive (or, with ``lora_rank``, Relaxed Recursive) version of ``model``.
 
@@ -82,15 +87,30 @@ def convert_to_recursive(
     "cycle" (position l uses shared layer l mod K) or "sequence" (l // B). ``init`` picks the
     initial weights of the shared layers from the original ones: "stepwise", "average", "lower",
     "upper" or "random". With ``lora_rank`` every position gets its own LoRA (relax.relax_recursive,
-    initialized from ``model``'s original weights). The input model is left unchanged unless
-    ``inplace`` (which saves memory but is incompatible with ``lora_rank`` and ``init="average"``).
+    initialized from ``model``'s original weights); ``relaxation`` (a RelaxationSpec or its dict)
+    selects any relaxation kind instead (lamda_depth, shared_basis; rank or budget). ``seed`` seeds
+    every random draw (random init, zero-init LoRA). The input model is left unchanged unless
+    ``inplace`` (which saves memory but is incompatible with a relaxation and ``init="average"``).
     """
+    if relaxation is not None and lora_rank is not None:
+        raise RecursiveConfigError("give lora_rank or relaxation, not both")
+    if isinstance(relaxation, dict):
+        relaxation = RelaxationSpec(**relaxation)
+    if lora_rank is not None:
+        relaxation = RelaxationSpec(
+            rank=lora_rank,
+            init=lora_init,
+            per_position_vectors=per_position_vectors,
+            target_modules=target_modules,
+        )
+    if relaxation is not None:
+        relaxation = RelaxationSpec(**{**relaxation.to_dict(), "seed": seed})
     layers = decoder_layers(model)
     num_layers = len(layers)
     check_recursion(num_layers, num_loops, sharing, init)
-    if inplace and (lora_rank is not None or init == "average"):
+    if inplace and (relaxation is not None or init == "average"):
         raise RecursiveConfigError(
-            "inplace conversion cannot use lora_rank or init='average' (both need the original layers)"
+            "inplace conversion cannot relax or use init='average' (both need the original layers)"
         )
     if recursion_spec(model) is not None:
         raise RecursiveConfigError("model is already recursive")
@@ -102,20 +122,11 @@ def convert_to_recursive(
     else:
         converted = copy.deepcopy(model)
         original_layers = layers
-    _initialize_shared(converted, original_layers, spec)
+    _initialize_shared(converted, original_layers, spec, seed)
     tie_positions(converted, spec)
     setattr(converted.config, RECURSION_CONFIG_KEY, spec.to_dict())
-    if lora_rank is not None:
-        relax_recursive(
-            converted,
-            model,
-            LoraSpec(
-                rank=lora_rank,
-                init=lora_init,
-                per_position_vectors=per_position_vectors,
-                target_modules=target_modules,
-            ),
-        )
+    if relaxation is not None:
+        relax_recursive(converted, model, relaxation)
     return converted
 
 
@@ -183,8 +194,9 @@ def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
 def load_recursive(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model written by ``save_recursive`` (or any single-file safetensors causal LM).
 
-    The model is built from its config, re-tied (and re-relaxed) from ``config.recursion``, and
-    the weights are loaded; every key not in the file must be a tied duplicate of one that is.
+    The model is built from its config, re-tied (and re-relaxed, shared bases re-tied) from
+    ``config.recursion``, and the weights are loaded; every key not in the file must be a tied
+    duplicate of one that is.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -200,7 +212,7 @@ def load_recursive(directory: str | os.PathLike, dtype: torch.dtype | None = Non
         spec = RecursionSpec(**data)
         tie_positions(model, spec)
         if spec.lora:
-            add_depth_lora(model, spec, LoraSpec(**spec.lora))
+            add_depth_relaxation(model, spec, RelaxationSpec(**spec.lora))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -43,13 +43,12 @@ def lm_eval_accuracy(
     """Accuracy per task (metric from ``metrics`` or DEFAULT_TASK_METRICS, else acc) via lm-eval."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     if not tasks:
         raise EvalConfigError("no evaluation tasks given")
     if num_fewshot is not None and num_fewshot < 0:
         raise EvalConfigError(f"num_fewshot must be >= 0, got {num_fewshot}")
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = task_manager(tasks, include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise EvalConfigError(f"unknown lm-eval tasks: {unknown}")
@@ -84,6 +83,18 @@ def lm_eval_accuracy(
             raise EvalConfigError(f"task {task} reported no {key!r} (has {sorted(result)})")
         scores[task] = float(result[key])
     return scores
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's TaskManager for ``tasks``: the local folder alone when it defines every task
+    (indexing the harness's own catalogue costs seconds per run), else the catalogue too."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(local.match_tasks([t]) for t in tasks):
+            return local
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
 @torch.no_grad()

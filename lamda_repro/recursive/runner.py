@@ -4,7 +4,7 @@ The ``recursive:`` config section (schema: workflow/schemas/recursive.schema.yam
 a corpus, uptraining and evaluation settings, and runs. A run is one variant of one model:
 
     original   the model as it is (optionally uptrained too)
-    recursive  convert_to_recursive(num_loops, sharing, init[, lora_rank, lora_init])
+    recursive  convert_to_recursive(num_loops, sharing, init[, lora_rank, lora_init | relaxation])
     truncated  the model's first K = L / num_loops layers (same-size non-recursive baseline)
     scratch    a K-layer model of the same shape from random init (trained with the uptrain budget)
 
@@ -41,8 +41,25 @@ from lamda_repro.recursive.convert import (
     save_recursive,
     truncate_layers,
 )
-from lamda_repro.recursive.counts import model_non_embedding_parameters, model_total_parameters, weight_bytes
+from lamda_repro.recursive.counts import (
+    layer_geometry,
+    model_non_embedding_parameters,
+    model_total_parameters,
+    relaxation_parameters,
+    weight_bytes,
+)
 from lamda_repro.recursive.evaluate import forward_throughput, lm_eval_accuracy, perplexity
+from lamda_repro.recursive.relax import (
+    RelaxationSpec,
+    map_shapes,
+    relax_recursive,
+    relaxation_ranks,
+)
+from lamda_repro.recursive.relax import (
+    relaxation_parameters as counted_relaxation_parameters,
+)
+from lamda_repro.recursive.spec import RecursionSpec
+from lamda_repro.recursive.spectral import RelaxationError, budget_level, check_uniform_rank, units_of
 from lamda_repro.recursive.tiny import tiny_config
 from lamda_repro.recursive.uptrain import UptrainConfig, train_causal_lm
 from lamda_repro.schema import check_against_schema
@@ -118,10 +135,12 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
             )
         if run["variant"] != "original" and "num_loops" not in run:
             raise RecursiveRunError(f"recursive.runs.{run['name']}: variant {run['variant']} needs num_loops")
-        if run.get("lora_rank") is not None and run["variant"] != "recursive":
-            raise RecursiveRunError(
-                f"recursive.runs.{run['name']}: lora_rank only applies to variant recursive"
-            )
+        for key in ("lora_rank", "relaxation"):
+            if run.get(key) is not None and run["variant"] != "recursive":
+                raise RecursiveRunError(
+                    f"recursive.runs.{run['name']}.{key}: only applies to variant recursive"
+                )
+        check_relaxation(out, run)
         if "budget" in run:
             if run["budget"] not in out["budgets"]:
                 raise RecursiveRunError(
@@ -165,6 +184,119 @@ def _check_teacher(section: dict[str, Any], run: dict[str, Any]) -> None:
         current = teacher
 
 
+# -- relaxation settings of a run ---------------------------------------------------------------
+
+# Run keys of the flat (lora) form and the RelaxationSpec fields they set.
+_FLAT_KEYS = {"lora_rank": "rank", "lora_init": "init"}
+
+
+def relaxation_settings(run: dict[str, Any], seed: int = 0) -> dict[str, Any] | None:
+    """The run's relaxation as RelaxationSpec fields (budget possibly still ``{lora_rank: r}``), or
+    None for an unrelaxed run. Flat ``lora_rank`` / ``lora_init`` are the lora form of ``relaxation``."""
+    nested = run.get("relaxation")
+    flat = {field: run[key] for key, field in _FLAT_KEYS.items() if run.get(key) is not None}
+    if nested is not None and flat:
+        raise RecursiveRunError(
+            f"recursive.runs.{run['name']}: give lora_rank / lora_init or relaxation, not both"
+        )
+    if nested is None and "rank" not in flat:
+        if flat:
+            raise RecursiveRunError(f"recursive.runs.{run['name']}.lora_init: needs lora_rank")
+        return None
+    settings = dict(nested) if nested is not None else flat
+    settings["per_position_vectors"] = bool(run.get("per_position_vectors", False))
+    settings["seed"] = seed
+    return settings
+
+
+def _key_of(run: dict[str, Any], field: str) -> str:
+    """The config key behind a RelaxationSpec field of ``run`` (for one-line errors)."""
+    if run.get("relaxation") is None:
+        flat = {value: key for key, value in _FLAT_KEYS.items()}
+        return f"recursive.runs.{run['name']}.{flat.get(field, field)}"
+    return f"recursive.runs.{run['name']}.relaxation.{field}"
+
+
+def budget_parameters(budget: Any, maps: dict[str, tuple[int, int]], num_layers: int, num_loops: int) -> int:
+    """A budget in parameters: an integer as is, ``{lora_rank: r}`` as what lora at rank r adds."""
+    if isinstance(budget, dict):
+        return relaxation_parameters(maps, num_layers, num_loops, "lora", int(budget["lora_rank"]))
+    return int(budget)
+
+
+def relaxation_spec(
+    run: dict[str, Any], maps: dict[str, tuple[int, int]], num_layers: int, seed: int = 0
+) -> RelaxationSpec | None:
+    """The run's RelaxationSpec on a model of this geometry, checked against what its residuals
+    allow (rank caps, budget limits); RecursiveRunError names the config key."""
+    settings = relaxation_settings(run, seed)
+    if settings is None:
+        return None
+    loops = run["num_loops"]
+    try:
+        if settings.get("budget") is not None:
+            settings["budget"] = budget_parameters(settings["budget"], maps, num_layers, loops)
+        relax = RelaxationSpec(**settings)
+        units = units_of(relax.kind, maps, num_layers, loops)
+        if relax.rank is not None:
+            check_uniform_rank(relax.kind, units, relax.rank, relax.rank_in)
+        if relax.budget is not None:
+            budget_level(relax.kind, units, relax.budget)
+    except RelaxationError as exc:
+        raise RecursiveRunError(f"{_key_of(run, exc.field)}: {exc}") from None
+    return relax
+
+
+def _config_geometry(section: dict[str, Any], name: str) -> tuple[int, dict[str, tuple[int, int]]] | None:
+    """(L, {map: (d_in, d_out)}) of model entry ``name`` when known before any job (a tiny model's
+    settings, or a local folder with config.json); None otherwise (checked when the run builds)."""
+    entry = section["models"][name]
+    try:
+        if "pretrain" in entry:
+            p = {**PRETRAIN_DEFAULTS, **entry["pretrain"]}
+            config = tiny_config(
+                p["architecture"],
+                vocab_size=32,
+                hidden_size=p["hidden_size"],
+                num_layers=p["num_layers"],
+                num_heads=p["num_heads"],
+                num_kv_heads=p["num_kv_heads"],
+                intermediate_size=p["intermediate_size"],
+            )
+        elif entry.get("path") and (Path(entry["path"]) / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(entry["path"])
+        else:
+            return None
+        num_layers, _, _, maps = layer_geometry(config)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    return num_layers, maps
+
+
+def check_relaxation(section: dict[str, Any], run: dict[str, Any]) -> None:
+    """One-line errors for a run's relaxation before any job: settings always, ranks and budgets
+    against the model's shapes when those are known from the config."""
+    settings = relaxation_settings(run, section["seed"])
+    if settings is None:
+        return
+    geometry = _config_geometry(section, run["model"])
+    if geometry is None:
+        try:
+            RelaxationSpec(**{**settings, "budget": 1 if settings.get("budget") is not None else None})
+        except RelaxationError as exc:
+            raise RecursiveRunError(f"{_key_of(run, exc.field)}: {exc}") from None
+        return
+    num_layers, maps = geometry
+    if num_layers % run["num_loops"]:
+        raise RecursiveRunError(
+            f"recursive.runs.{run['name']}.num_loops: {run['num_loops']} does not divide the model's "
+            f"{num_layers} layers"
+        )
+    relaxation_spec(run, maps, num_layers, section["seed"])
+
+
 def run_id(run: dict[str, Any]) -> str:
     """The id (and record file stem) of a run: ``<model>--<name>``."""
     return f"{run['model']}--{run['name']}"
@@ -182,10 +314,47 @@ def find_run(section: dict[str, Any], rid: str) -> dict[str, Any]:
 def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> list[str]:
     """Files a run needs before it starts (the workflow's inputs of the run job)."""
     run = find_run(section, rid)
-    inputs = [str(corpus_dir(Path(workdir)) / "corpus.json")]
-    if "pretrain" in section["models"][run["model"]]:
-        inputs.append(str(model_dir(Path(workdir), run["model"]) / "model.safetensors"))
-    return inputs
+    return [str(corpus_dir(Path(workdir)) / "corpus.json"), *base_artifacts(section, run["model"], workdir)]
+
+
+def base_artifacts(section: dict[str, Any], name: str, workdir: str | Path) -> list[str]:
+    """Files model entry ``name`` needs before it loads (a pretrained tiny model's weights)."""
+    if "pretrain" in section["models"][name]:
+        return [str(model_dir(Path(workdir), name) / "model.safetensors")]
+    return []
+
+
+def base_model_path(section: dict[str, Any], name: str, workdir: str | Path) -> str:
+    """Where model entry ``name`` loads from: its pretrained folder, or its path / Hub id."""
+    entry = section["models"][name]
+    return str(model_dir(Path(workdir), name)) if "pretrain" in entry else entry["path"]
+
+
+def relaxed_models(section: dict[str, Any]) -> list[str]:
+    """Model entries with at least one relaxed run (they get a weight-error table)."""
+    return sorted({run["model"] for run in section["runs"] if relaxation_settings(run) is not None})
+
+
+def relaxed_run_shapes(section: dict[str, Any], name: str) -> tuple[list[int], list[str]]:
+    """(num_loops values, shared-layer inits) of model ``name``'s relaxed runs."""
+    runs = [r for r in section["runs"] if r["model"] == name and relaxation_settings(r) is not None]
+    return sorted({r["num_loops"] for r in runs}), sorted({r.get("init", "stepwise") for r in runs})
+
+
+def budget_lora_ranks(section: dict[str, Any], name: str) -> list[int]:
+    """The budgets (as lora ranks) of model ``name``'s relaxed runs: lora ranks of its lora runs
+    and ``{lora_rank: r}`` budgets."""
+    ranks = set()
+    for run in section["runs"]:
+        settings = relaxation_settings(run) if run["model"] == name else None
+        if settings is None:
+            continue
+        budget = settings.get("budget")
+        if isinstance(budget, dict):
+            ranks.add(int(budget["lora_rank"]))
+        elif settings.get("kind", "lora") == "lora" and settings.get("rank"):
+            ranks.add(int(settings["rank"]))
+    return sorted(ranks)
 
 
 def run_teacher(section: dict[str, Any], rid: str) -> str | None:
@@ -318,7 +487,7 @@ def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry = section["models"][name]
-    path = str(model_dir(workdir, name)) if "pretrain" in entry else entry["path"]
+    path = base_model_path(section, name, workdir)
     dtype = getattr(torch, entry.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
@@ -342,7 +511,9 @@ def load_teacher(section: dict[str, Any], tid: str, workdir: Path, device: torch
 
 
 def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
-    """The model a run trains and evaluates, built from the base model (left unchanged)."""
+    """The model a run trains and evaluates, built from the base model (left unchanged).
+
+    Every random draw (random init, zero-init LoRA, scratch init) is seeded by ``seed``."""
     from transformers import AutoModelForCausalLM
 
     variant = run["variant"]
@@ -353,15 +524,13 @@ def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
     if num_layers % loops:
         raise RecursiveConfigError(f"num_loops={loops} does not divide the model's {num_layers} layers")
     if variant == "recursive":
-        return convert_to_recursive(
-            base,
-            loops,
-            sharing=run.get("sharing", "cycle"),
-            init=run.get("init", "stepwise"),
-            lora_rank=run.get("lora_rank"),
-            lora_init=run.get("lora_init", "svd"),
-            per_position_vectors=run.get("per_position_vectors", False),
+        recursive = convert_to_recursive(
+            base, loops, sharing=run.get("sharing", "cycle"), init=run.get("init", "stepwise"), seed=seed
         )
+        relax = relaxation_spec(run, map_shapes(decoder_layers(base)[0]), num_layers, seed)
+        if relax is not None:
+            relax_recursive(recursive, base, relax)
+        return recursive
     if variant == "truncated":
         return truncate_layers(base, num_layers // loops)
     config = copy.deepcopy(base.config)
@@ -371,6 +540,38 @@ def build_variant(base: nn.Module, run: dict[str, Any], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     param = next(base.parameters())
     return AutoModelForCausalLM.from_config(config, dtype=param.dtype).to(param.device)
+
+
+def relaxation_record(model: nn.Module) -> dict[str, Any] | None:
+    """What a record says about a relaxed model: kind, budget, ranks, trained groups and the
+    relaxation's parameters, counted on the model and from the closed form (which must agree)."""
+    recursion = getattr(model.config, "recursion", None) or {}
+    if not recursion.get("lora"):
+        return None
+    relax = RelaxationSpec(**recursion["lora"])
+    spec = RecursionSpec(**{k: v for k, v in recursion.items() if k != "lora"})
+    ranks = relaxation_ranks(model)
+    maps = map_shapes(decoder_layers(model)[0], relax.target_modules)
+    closed = relaxation_parameters(maps, spec.num_layers, spec.num_loops, relax.kind, rank_pattern=ranks)
+    counted = counted_relaxation_parameters(model)
+    if closed != counted:
+        raise RecursiveConfigError(f"relaxation parameters: counted {counted:,} != closed form {closed:,}")
+    histogram: dict[str, int] = {}
+    for r_out, r_in in ranks.values():
+        label = str(r_out) if r_out == r_in else f"{r_out}x{r_in}"
+        histogram[label] = histogram.get(label, 0) + 1
+    return {
+        "kind": relax.kind,
+        "init": relax.init,
+        "budget": relax.budget,
+        "allocation": relax.allocation if relax.budget is not None else None,
+        "rank": relax.rank,
+        "rank_in": relax.rank_in,
+        "rank_histogram": dict(sorted(histogram.items(), key=lambda kv: [int(x) for x in kv[0].split("x")])),
+        "train": list(relax.train_groups),
+        "parameters": counted,
+        "parameters_closed_form": closed,
+    }
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -427,6 +628,10 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
         "recursion": getattr(model.config, "recursion", None),
     }
     record["tokens_seen"] = 0  # tokens this run trained its model on (its budget, as it ran)
+    relaxation = relaxation_record(model)
+    if relaxation is not None:
+        record["method_info"]["relaxation"] = relaxation
+        record["params"]["relaxation"] = relaxation["parameters"]
     if up_cfg is not None and up_cfg.steps > 0:
         tid = run_teacher(section, run_id(run)) if up_cfg.kd_weight > 0 else None
         teacher = base if up_cfg.kd_weight > 0 and tid is None else None

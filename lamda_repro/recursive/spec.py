@@ -6,6 +6,7 @@ on these, and neither imports the other's internals through here.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ class RecursionSpec:
     sharing: str = field(default="cycle", metadata={"help": "cycle (l mod K) or sequence (l // B)"})
     init: str = field(default="stepwise", metadata={"help": "how shared layers were initialized"})
     lora: dict[str, Any] | None = field(
-        default=None, metadata={"help": "depth-wise LoRA settings (relax.LoraSpec as dict) or None"}
+        default=None,
+        metadata={"help": "depth-wise relaxation settings (relax.RelaxationSpec as dict) or None"},
     )
 
     @property
@@ -72,6 +74,16 @@ class RecursionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block with torch's generators seeded by ``seed``, leaving the global state as it was
+    (so a random draw depends on the spec's seed only, not on what ran before)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_recursion(num_layers: int, num_loops: int, sharing: str, init: str) -> None:

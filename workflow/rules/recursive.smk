@@ -2,7 +2,14 @@
 # The config section is `recursive:` (schema: workflow/schemas/recursive.schema.yaml).
 from pathlib import Path
 
-from lamda_repro.recursive.runner import RecursiveRunError, resolve_section, run_artifacts, run_teacher
+from lamda_repro.recursive.runner import (
+    RecursiveRunError,
+    base_artifacts,
+    relaxed_models,
+    resolve_section,
+    run_artifacts,
+    run_teacher,
+)
 from lamda_repro.recursive.runner import run_id as recursive_run_id
 
 REC_RAW = config.get("recursive") or {}
@@ -21,8 +28,11 @@ wildcard_constraints:
 
 RECURSIVE_TABLE = {ext: f"{RESULTS}/tables/recursive.{ext}" for ext in ("md", "csv", "tex")}
 RECURSIVE_FIGURE = f"{RESULTS}/figures/recursive_accuracy_vs_params.png"
+# Relative weight error of every relaxation and budget, per model with relaxed runs (no training).
+RELAX_ERROR = f"{RESULTS}/tables/recursive_relax_error/{{rec_model}}"
 if REC:
     EXTRA_TARGETS += [*RECURSIVE_TABLE.values(), RECURSIVE_FIGURE]
+    EXTRA_TARGETS += [f"{RESULTS}/tables/recursive_relax_error/{m}.md" for m in relaxed_models(REC)]
 
 
 rule recursive_corpus:
@@ -90,6 +100,28 @@ rule recursive_run:
         "python -m lamda_repro.recursive.cli {params.online} recursive-run --section-json {params.section:q}"
         " --run {wildcards.rec_run} --out {output} --workdir {params.workdir} --device {params.device}"
         " --threads {threads} --keep-going > {log} 2>&1"
+
+
+rule recursive_relax_error:
+    input:
+        lambda w: base_artifacts(REC, w.rec_model, WORKDIR),
+    output:
+        md=f"{RELAX_ERROR}.md",
+        csv=f"{RELAX_ERROR}.csv",
+    params:
+        section=REC_JSON,
+        workdir=WORKDIR,
+        stem=lambda w, output: output.md[: -len(".md")],
+        online="" if CFG.get("offline", True) else "--online",
+    threads: 1
+    log:
+        "logs/recursive/relax_error/{rec_model}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m lamda_repro.recursive.cli {params.online} recursive-relax-error --section-json {params.section:q}"
+        " --model {wildcards.rec_model} --workdir {params.workdir} --threads {threads}"
+        " --out-stem {params.stem} > {log} 2>&1"
 
 
 rule recursive_table:

@@ -19,6 +19,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/recursive.smk"
+include: "workflow/rules/serving.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/report.smk"
 

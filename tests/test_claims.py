@@ -119,6 +119,30 @@ def recursive(
     }
 
 
+def serving_record(measured=None, estimate=None, latency_device="cpu (x86)", scale="smoke", status="success"):
+    """A serving record as lamda_repro/recursive/serving/jobs.py writes it (the fields the rule reads)."""
+    metrics = {}
+    if measured is not None:
+        metrics = {"cdb_exit_speedup_measured": measured, "cdb_exit_speedup_simulated": measured}
+        metrics["cdb_exit_speedup_model"] = "tiny--rt"
+    paper = {
+        "speedup_cdb_exit_vs_vanilla_static": estimate,
+        "latency_device": latency_device,
+        "geometry": "gemma-2b",
+        "speedup_model": "recursive",
+        "exit_distribution_source": "oracle",
+    }
+    return {
+        "run_id": "serving",
+        "kind": "serving",
+        "status": status,
+        "spec": {"scale": scale},
+        "metrics": metrics if status == "success" else {},
+        "throughput": {"device": "cpu (x86)"},
+        **({"paper_estimate": paper} if estimate is not None else {}),
+    }
+
+
 @pytest.fixture(scope="module")
 def reference():
     return claims.load_reference(REFERENCE)
@@ -135,7 +159,10 @@ def ledger(reference, records, bench_dir=None):
 
 def test_committed_reference_is_valid_and_has_no_table_numbers(reference):
     assert {"lamda", "recursive"} <= set(reference.papers)
-    assert all(row["value"] is None for row in reference.table_rows)
+    assert all(row["value"] is None for row in reference.table_rows if row["family"] != "serving")
+    assert all(
+        row["source"].startswith("Table K.2") for row in reference.table_rows if row["family"] == "serving"
+    )
     assert len(reference.table_rows) > 0
     assert all(c["check"] in claims.CHECKS for c in reference.claims)
     assert reference.table_value("nlu", "sst2", "deberta_v3_base", "lamda", "accuracy") is None
@@ -410,7 +437,7 @@ def test_recursive_claims_at_smoke_scale(reference):
         recursive("scratch", 0.40),
         recursive("truncated", 0.42),
         recursive("recursive", 0.49, rank=8, init="average"),
-        recursive("recursive", speedup=1.7, name="cdb"),
+        serving_record(measured=1.7),
     ]
     rows = ledger(reference, recs)
     # The similar-size claim names its comparators (TinyLlama, Pythia): none here.
@@ -618,3 +645,26 @@ def test_bench_file_written_by_the_lamda_bench_is_read():
         "measured.peak_bytes": 0.96,
     }
     assert bench_lamda_ratios(bench, "run_updates") == {"extrapolated.run_updates": 11.6}
+
+
+@pytest.mark.parametrize(
+    "record,scale,verdict",
+    [
+        (serving_record(measured=1.4, estimate=1.75), "smoke (measured)", claims.VERDICT_SMOKE),
+        (serving_record(measured=0.9, estimate=1.75), "smoke (measured)", claims.VERDICT_SMOKE_NOT),
+        (serving_record(measured=1.4, estimate=2.5, latency_device="NVIDIA A100"), "paper (simulated)",
+         claims.VERDICT_REPRODUCED),
+        (serving_record(measured=1.4, estimate=1.5, latency_device="NVIDIA A100"), "paper (simulated)",
+         claims.VERDICT_NOT_REPRODUCED),
+        (serving_record(measured=2.7, scale="paper"), "paper (measured)", claims.VERDICT_REPRODUCED),
+        (serving_record(measured=1.4, status="failed"), "—", claims.VERDICT_NOT_RUN),
+    ],
+)  # fmt: skip
+def test_throughput_claim_reads_the_serving_record(reference, record, scale, verdict):
+    row = ledger(reference, [record])["cdb_early_exit_throughput"]
+    assert (row["scale"], row["verdict"]) == (scale, verdict)
+    if record["status"] == "success" and "paper_estimate" in record:
+        assert "paper geometry" in row["this suite"]
+        assert ("not a GPU estimate" in row["this suite"]) == (
+            "cpu" in record["paper_estimate"]["latency_device"]
+        )

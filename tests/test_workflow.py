@@ -70,6 +70,13 @@ def test_smoke_run_writes_tables_figures_claims_and_report(smoke_run):
     assert "\\toprule" in (res / "tables" / "nlu.tex").read_text()
     assert list((res / "figures").glob("nlu_quality_vs_params.png"))
     assert (res / "claims.md").exists()
+    serving = (res / "tables" / "serving.md").read_text()
+    assert "CDB + exit" in serving and "paper geometry" in serving
+    assert (res / "figures" / "serving_throughput_vs_threshold.png").stat().st_size > 5_000
+    throughput_row = next(
+        line for line in (res / "claims.md").read_text().splitlines() if "cdb_early_exit" in line
+    )
+    assert "not yet run" not in throughput_row and "smoke (measured)" in throughput_row
     proc = snakemake(smoke_run, "--report", "results/report.html")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (res / "report.html").stat().st_size > 10_000
@@ -144,6 +151,8 @@ BAD = [
     ({"experiments": {"nlu": {"tasks": ["missing_task"]}}}, "experiments.nlu.tasks[0]: unknown task"),
     ({"training": {"epochs": "x"}}, "training.epochs: expected number"),
     ({"bogus": 1}, "config: unknown key 'bogus'"),
+    ({"recursive": {"serving": {"threshold": 0}}}, "recursive.serving.threshold: must be > 0"),
+    ({"recursive": {"serving": {"runs": ["tiny--first-half"]}}}, "tiny--first-half is not a recursive model"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 Main entry points: ``convert_to_recursive`` (convert.py), ``relax_recursive`` (relax.py),
 ``save_recursive`` / ``load_recursive`` (convert.py), ``non_embedding_counts`` (counts.py),
-``train_causal_lm`` (uptrain.py) and ``execute_run`` (runner.py, one configured run).
+``train_causal_lm`` (uptrain.py) and ``execute_run`` (runner.py, one configured run); early exit
+(early_exit.py) and the depth-wise batching engine, schedulers and simulator (serving/).
 """
 
 from lamda_repro.config import register_section_check
@@ -20,8 +21,9 @@ from lamda_repro.recursive.relax import DepthLoRALinear, LoraSpec, relax_recursi
 
 def _check_section(section):
     from lamda_repro.recursive.runner import resolve_section
+    from lamda_repro.recursive.serving.config import resolve_serving
 
-    resolve_section(section)
+    resolve_serving(resolve_section(section))
 
 
 # The recursive stage owns the config's ``recursive:`` section: validate_config calls this.

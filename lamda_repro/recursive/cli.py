@@ -7,6 +7,8 @@ recursive-table     table (md/csv/tex) and figure from records
 recursive-counts    non-embedding parameter counts of a model config
 recursive-bench     forward tokens/s and weight memory: original vs converted
 recursive-relax-error  relative weight error of each relaxation and budget (no training)
+(and, from serving/cli.py: recursive-early-exit, recursive-serve, recursive-serving-table,
+recursive-serving-latency)
 """
 
 from __future__ import annotations
@@ -280,6 +282,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="also write the result as JSON")
     p.set_defaults(func=cmd_bench)
+
+    from lamda_repro.recursive.serving.cli import add_cli as add_serving_cli
+
+    add_serving_cli(subparsers)  # recursive-early-exit, -serve, -serving-table, -serving-latency
 
 
 def main(argv: list[str] | None = None) -> int:

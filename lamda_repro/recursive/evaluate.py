@@ -29,6 +29,25 @@ class EvalConfigError(ValueError):
     """An invalid evaluation setting (unknown task, bad few-shot count)."""
 
 
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """An lm-eval TaskManager that knows ``tasks``. When every task is in ``include_path`` (the
+    smoke tasks), lm-eval's own task library is not indexed (that indexing costs seconds per
+    call); otherwise it is. Unknown tasks: one-line EvalConfigError."""
+    from lm_eval.tasks import TaskManager
+
+    manager = None
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if len(local.match_tasks(list(tasks))) == len(set(tasks)):
+            manager = local
+    if manager is None:
+        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise EvalConfigError(f"unknown lm-eval tasks: {unknown}")
+    return manager
+
+
 def lm_eval_accuracy(
     model: nn.Module,
     tokenizer,
@@ -49,9 +68,6 @@ def lm_eval_accuracy(
     if num_fewshot is not None and num_fewshot < 0:
         raise EvalConfigError(f"num_fewshot must be >= 0, got {num_fewshot}")
     manager = task_manager(tasks, include_path)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise EvalConfigError(f"unknown lm-eval tasks: {unknown}")
     device = next(model.parameters()).device
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     lm = HFLM(
@@ -83,18 +99,6 @@ def lm_eval_accuracy(
             raise EvalConfigError(f"task {task} reported no {key!r} (has {sorted(result)})")
         scores[task] = float(result[key])
     return scores
-
-
-def task_manager(tasks: list[str], include_path: str | None = None):
-    """lm-eval's TaskManager for ``tasks``: the local folder alone when it defines every task
-    (indexing the harness's own catalogue costs seconds per run), else the catalogue too."""
-    from lm_eval.tasks import TaskManager
-
-    if include_path:
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(local.match_tasks([t]) for t in tasks):
-            return local
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
 @torch.no_grad()

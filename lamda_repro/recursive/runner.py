@@ -388,8 +388,8 @@ def model_dir(workdir: Path, name: str) -> Path:
     return Path(workdir) / "recursive" / "models" / name
 
 
-def saved_run_dir(workdir: Path, rid: str) -> Path:
-    """Where a run with ``save_model: true`` keeps its model (a teacher is loaded from here)."""
+def saved_model_dir(workdir: Path, rid: str) -> Path:
+    """Where a run with ``save_model`` (or ``early_exit``) keeps its model; records name it too."""
     return Path(workdir) / "recursive" / "runs" / rid
 
 
@@ -499,7 +499,7 @@ def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.d
 
 def load_teacher(section: dict[str, Any], tid: str, workdir: Path, device: torch.device) -> nn.Module:
     """The saved model of teacher run ``tid`` (one-line error when the teacher left none)."""
-    folder = saved_run_dir(workdir, tid)
+    folder = saved_model_dir(workdir, tid)
     if not (folder / "model.safetensors").is_file():
         raise RecursiveRunError(
             f"teacher run {tid} has no saved model in {folder} (did it fail? see its record)"
@@ -669,5 +669,6 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
             model, model.config.vocab_size, ev["throughput_batch_size"], ev["throughput_seq_len"]
         )
     )
-    if run.get("save_model"):
-        save_recursive(model, saved_run_dir(workdir, run_id(run)), tokenizer)
+    if run.get("save_model") or run.get("early_exit"):  # early-exit post-training starts from it
+        out = save_recursive(model, saved_model_dir(workdir, run_id(run)), tokenizer)
+        record.setdefault("artifacts", {})["model_dir"] = str(out)

@@ -134,3 +134,23 @@ def recursive_records():
     return [f"{RESULTS}/runs/recursive/{rid}.json" for rid in REC_RUNS]
 
 
+# -- early exit and serving (serving.smk defines SERVING, EE_RUNS, SERVING_RECORD) ----------
+def early_exit_record(rid):
+    return f"{RESULTS}/runs/early_exit/{rid}.json"
+
+
+def serving_records():
+    """Records the claims ledger reads (aggregate inputs)."""
+    return [early_exit_record(rid) for rid in EE_RUNS] + ([SERVING_RECORD] if SERVING else [])
+
+
+def serving_inputs(wildcards):
+    inputs = {
+        "early_exit": [early_exit_record(rid) for rid in SERVING["runs"]],
+        "vanilla": f"{RESULTS}/runs/recursive/{SERVING['vanilla']}.json",
+        "artifacts": run_artifacts(REC, SERVING["vanilla"], WORKDIR),
+        "reference": REFERENCE,
+    }
+    if SERVING["paper_estimate"]:
+        inputs["latency"] = str(latency_table_path(SERVING["paper_estimate"]["latency_tables"]))
+    return inputs

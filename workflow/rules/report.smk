@@ -4,6 +4,7 @@ rule aggregate:
     input:
         records=all_records(),
         recursive=recursive_records(),
+        serving=serving_records(),
         bench=bench_records(),
         reference=REFERENCE,
     output:

@@ -1,0 +1,203 @@
+"""Command-line subcommands of early exit and serving (registered by the recursive stage's CLI).
+
+recursive-early-exit       early-exit post-training + exit sweep of one run -> record
+recursive-serve            the serving benchmark -> record, serving table and figure
+recursive-serving-table    serving table and figure from a serving record
+recursive-serving-latency  latency tables of one layer of a published geometry -> JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _section(args) -> dict:
+    from lamda_repro.recursive.runner import resolve_section
+    from lamda_repro.recursive.serving.config import resolve_serving
+
+    if args.section_json:
+        section = resolve_section(json.loads(args.section_json))
+    else:
+        from lamda_repro.config import load_config
+
+        section = resolve_section(load_config(*args.config).get("recursive"))
+    resolve_serving(section)
+    return section
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", nargs="+", help="config YAML file(s); later ones override earlier")
+    source.add_argument("--section-json", help="the recursive: section as a JSON string")
+    parser.add_argument("--workdir", default="work", help="artifact root (default: work)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--out", required=True, help="record path")
+    parser.add_argument(
+        "--keep-going", action="store_true", help="exit 0 when the job failed (record says so)"
+    )
+
+
+def _setup(args) -> None:
+    from lamda_repro.measure import set_threads
+
+    set_threads(args.threads)
+
+
+def _write(args, record) -> int:
+    from lamda_repro.results import write_record
+
+    write_record(args.out, record)
+    if record["status"] != "success":
+        print(f"{record['run_id']} failed: {record['error']}", file=sys.stderr)
+        return 0 if args.keep_going else 1
+    print(json.dumps(record["metrics"]))
+    return 0
+
+
+def _reference(path):
+    """The papers' reference numbers (claims.Reference), or None without a path."""
+    if not path:
+        return None
+    from lamda_repro.claims import load_reference
+
+    return load_reference(path)
+
+
+def cmd_early_exit(args) -> int:
+    from lamda_repro.recursive.serving.jobs import execute_early_exit
+
+    section = _section(args)
+    _setup(args)
+    record = execute_early_exit(section, args.run, Path(args.workdir), args.source_record, args.device)
+    return _write(args, record)
+
+
+def cmd_serve(args) -> int:
+    from lamda_repro.recursive.serving.jobs import execute_serving
+    from lamda_repro.recursive.serving.report import plot_threshold_sweep, write_serving_table
+
+    section = _section(args)
+    _setup(args)
+    by_run = {}
+    for path in args.early_exit_records:
+        try:
+            by_run[json.loads(Path(path).read_text())["run_id"]] = path
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            print(
+                f"recursive-serve: unreadable early-exit record {path} ({type(exc).__name__})",
+                file=sys.stderr,
+            )
+            return 2
+    record = execute_serving(section, Path(args.workdir), by_run, args.vanilla_record, args.device)
+    status = _write(args, record)
+    if args.table_stem:
+        write_serving_table(record, args.table_stem, _reference(args.reference))
+    if args.figure:
+        plot_threshold_sweep(record, args.figure)
+    return status
+
+
+def cmd_table(args) -> int:
+    from lamda_repro.recursive.serving.report import plot_threshold_sweep, write_serving_table
+
+    try:
+        record = json.loads(Path(args.record).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"recursive-serving-table: cannot read {args.record} ({type(exc).__name__})", file=sys.stderr)
+        return 2
+    write_serving_table(record, args.out_stem, _reference(args.reference))
+    if args.figure:
+        plot_threshold_sweep(record, args.figure)
+    return 0
+
+
+def cmd_latency(args) -> int:
+    import torch
+
+    from lamda_repro.recursive.runner import pick_device
+    from lamda_repro.recursive.serving.latency import geometry_model, measure_tables
+    from lamda_repro.results import env_info, utc_now, write_json_atomic
+
+    _setup(args)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    tables = {}
+    for rank in [None, *args.lora_ranks]:
+        # two positions sharing one layer: a block call is one layer, the fill one skipped position
+        model = geometry_model(args.geometry, num_layers=2, num_loops=2, lora_rank=rank, seed=args.seed)
+        model = model.to(device=device, dtype=dtype)
+        measured = measure_tables(model, args.context, sorted(set(args.sizes)), args.repeats, args.warmup)
+        tables["plain" if rank is None else f"lora_r{rank}"] = measured.to_dict()
+        print(f"{args.geometry} {'plain' if rank is None else f'r={rank}'}: block {measured.block.seconds}")
+        del model
+    out = {
+        "geometry": args.geometry,
+        "what": "latency of ONE decoder layer of the geometry (block = layers per call x this)",
+        "device": tables["plain"]["meta"]["device"],
+        "dtype": args.dtype,
+        "context": args.context,
+        "measured_at": utc_now(),
+        "command": "recursive-serving-latency " + " ".join(sys.argv[2:]),
+        "env": env_info(),
+        "tables": tables,
+    }
+    write_json_atomic(args.out, out)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register the early-exit and serving subcommands on an argparse subparsers object."""
+    p = subparsers.add_parser("recursive-early-exit", help="early-exit post-training of one run -> record")
+    _common(p)
+    p.add_argument("--run", required=True, help="run id <model>--<name> (with early_exit)")
+    p.add_argument(
+        "--source-record", required=True, help="the run's recursive record (names its saved model)"
+    )
+    p.set_defaults(func=cmd_early_exit)
+
+    p = subparsers.add_parser("recursive-serve", help="serving benchmark -> record, table, figure")
+    _common(p)
+    p.add_argument(
+        "--early-exit-records", nargs="+", required=True, help="early-exit records of the served runs"
+    )
+    p.add_argument(
+        "--vanilla-record", default=None, help="the vanilla run's record (needed if it is uptrained)"
+    )
+    p.add_argument("--table-stem", help="also write <stem>.md, .tex, .csv")
+    p.add_argument("--figure", help="also write the threshold figure (png/pdf)")
+    p.add_argument("--reference", help="papers' reference file (the table's paper column)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("recursive-serving-table", help="serving table and figure from a record")
+    p.add_argument("--record", required=True, help="serving record JSON")
+    p.add_argument("--out-stem", required=True, help="writes <stem>.md, .csv, .tex")
+    p.add_argument("--figure", help="figure path (png/pdf)")
+    p.add_argument("--reference", help="papers' reference file (the table's paper column)")
+    p.set_defaults(func=cmd_table)
+
+    p = subparsers.add_parser(
+        "recursive-serving-latency", help="latency tables of one layer of a published geometry -> JSON"
+    )
+    p.add_argument("--geometry", required=True, help="gemma-2b | tinyllama-1.1b")
+    p.add_argument(
+        "--context", type=int, default=1536, help="KV length of the timed calls (default 512 + 2048/2)"
+    )
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--lora-ranks", type=int, nargs="*", default=[])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out", required=True, help="JSON path (e.g. results/reference/latency/gemma-2b.cpu.json)"
+    )
+    p.set_defaults(func=cmd_latency)
+
+
+__all__ = ["add_cli"]

@@ -60,7 +60,7 @@ def test_formulas_match_real_minilm():
 
 
 def test_unknown_geometry_is_rejected():
-    from transformers import GPT2Config
+    from transformers import GPTNeoXConfig
 
     with pytest.raises(ValueError, match="model_type"):
-        linear_shapes_from_config(GPT2Config(), ["c_attn"])
+        linear_shapes_from_config(GPTNeoXConfig(), ["query_key_value"])

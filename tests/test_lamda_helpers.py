@@ -26,6 +26,18 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+GPT2_TARGETS = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A tiny GPT-2 (its linear layers are transformers Conv1D, weight d_in x d_out) built from a config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=32, vocab_size=97)
+    return GPT2LMHeadModel(config).eval()
+
+
 def tiny_bert_cls(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 

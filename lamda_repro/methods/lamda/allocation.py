@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 DIRECTIONS = ("less_energy_more_rank", "more_energy_more_rank")
 BUDGETS = ("square", "linear")
@@ -146,7 +147,9 @@ def _matches(name: str, target_modules) -> bool:
 def weight_spectra(
     model: nn.Module, target_modules: Iterable[str] | str, top_k: Optional[int] = None, niter: int = 4
 ) -> dict[str, Spectrum]:
-    """Singular values of every targeted nn.Linear weight, keyed by module name (fp32).
+    """Singular values of every targeted nn.Linear / Conv1D weight, keyed by module name (fp32).
+
+    Singular values do not depend on the layout, so Conv1D's transposed weight is used as stored.
 
     ``top_k=None``: all singular values (exact). Otherwise a TruncatedSpectrum with the ``top_k``
     largest from a randomized SVD (``niter`` power iterations) and the exact total energy, which
@@ -155,7 +158,7 @@ def weight_spectra(
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     spectra: dict[str, Spectrum] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _matches(name, targets):
+        if isinstance(module, (nn.Linear, Conv1D)) and _matches(name, targets):
             with torch.no_grad():
                 weight = module.weight.detach().float()
                 if top_k is None:
@@ -171,7 +174,7 @@ def weight_spectra(
                     tuple(sigma[:k].tolist()), float(weight.pow(2).sum()), bound
                 )
     if not spectra:
-        raise RankAllocationError(f"no nn.Linear module matches target_modules={target_modules!r}")
+        raise RankAllocationError(f"no linear module matches target_modules={target_modules!r}")
     return spectra
 
 

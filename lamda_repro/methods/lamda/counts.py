@@ -10,11 +10,15 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "
 def linear_shapes_from_config(config, target_modules: Iterable[str]) -> dict[str, tuple[int, int]]:
     """{module name: (d_in, d_out)} of the targeted linear layers, one entry per layer instance.
 
-    Supports LLaMA-style decoders (q/k/v/o_proj, gate/up/down_proj, grouped-query attention) and
-    BERT-style encoders (query/key/value, attention.output.dense, intermediate.dense, output.dense).
+    Supports LLaMA-style decoders (q/k/v/o_proj, gate/up/down_proj, grouped-query attention),
+    BERT-style encoders (query/key/value, attention.output.dense, intermediate.dense, output.dense)
+    and GPT-2 (Conv1D layers c_attn, attn.c_proj, c_fc, mlp.c_proj; shapes given as (d_in, d_out)
+    although Conv1D stores its weight as d_in x d_out).
     """
-    targets = list(target_modules)
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     model_type = getattr(config, "model_type", None)
+    if model_type == "gpt2":
+        return _select(_gpt2_shapes(config), targets, model_type)
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -44,13 +48,41 @@ def linear_shapes_from_config(config, target_modules: Iterable[str]) -> dict[str
         prefix = "bert.encoder.layer"
     else:
         raise ValueError(
-            f"parameter counts from config support {LLAMA_LIKE + ('bert',)}, got model_type={model_type!r}"
+            f"parameter counts from config support {LLAMA_LIKE + ('bert', 'gpt2')}, "
+            f"got model_type={model_type!r}"
         )
-    shapes = {}
-    for layer in range(config.num_hidden_layers):
-        for local, shape in per_layer.items():
-            if any(local == t or local.endswith("." + t) for t in targets):
-                shapes[f"{prefix}.{layer}.{local}"] = shape
+    every = {
+        f"{prefix}.{layer}.{local}": shape
+        for layer in range(config.num_hidden_layers)
+        for local, shape in per_layer.items()
+    }
+    return _select(every, targets, model_type)
+
+
+def _gpt2_shapes(config) -> dict[str, tuple[int, int]]:
+    hidden = config.n_embd
+    inner = config.n_inner or 4 * hidden
+    per_layer = {
+        "attn.c_attn": (hidden, 3 * hidden),
+        "attn.c_proj": (hidden, hidden),
+        "mlp.c_fc": (hidden, inner),
+        "mlp.c_proj": (inner, hidden),
+    }
+    return {
+        f"transformer.h.{layer}.{local}": shape
+        for layer in range(config.n_layer)
+        for local, shape in per_layer.items()
+    }
+
+
+def _select(every: Mapping[str, tuple[int, int]], targets: list[str], model_type) -> dict:
+    """The entries of ``every`` whose name ends with a target (as peft matches), or all for all-linear."""
+    if targets == ["all-linear"]:
+        shapes = dict(every)
+    else:
+        shapes = {
+            name: shape for name, shape in every.items() if any(name.endswith("." + t) for t in targets)
+        }
     if not shapes:
         raise ValueError(f"target_modules {targets} match no linear layer of a {model_type} model")
     return shapes

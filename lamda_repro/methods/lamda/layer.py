@@ -1,4 +1,9 @@
-"""The LaMDA adapter on an nn.Linear: y = W x + s * B (S (A x)), with B frozen column by column.
+"""The LaMDA adapter on a linear layer: y = W x + s * B (S (A x)), with B frozen column by column.
+
+The base layer is a ``torch.nn.Linear`` (weight d_out x d_in) or a
+``transformers.pytorch_utils.Conv1D`` (GPT-2; weight stored transposed, d_in x d_out). Every use of
+the base weight (SVD init, residual, merge) goes through ``weight_out_in`` / ``set_weight_out_in``,
+which present it as d_out x d_in whatever the layout, so A, S and B are the same in both cases.
 
 B is held as two parameters per adapter: ``lamda_B_frozen`` (the first k columns, frozen
 components, never in an optimizer) and ``lamda_B`` (the remaining r - k trainable columns).
@@ -18,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lamda_repro.methods.lamda.config import LamdaConfig, LamdaConfigError
 
 FROZEN_WEIGHTS = ("lamda_A", "lamda_B_frozen")
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
 
 
 class LamdaLayer(BaseTunerLayer):
@@ -44,10 +51,24 @@ class LamdaLayer(BaseTunerLayer):
         self.frozen_peft_weight_names = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        if not isinstance(self.get_base_layer(), nn.Linear):
-            raise TypeError(f"LaMDA adapts torch.nn.Linear only, got {type(self.get_base_layer()).__name__}")
+        base = self.get_base_layer()
+        if not isinstance(base, ADAPTABLE_LAYERS):
+            raise TypeError(
+                f"LaMDA adapts torch.nn.Linear and transformers Conv1D layers, got {type(base).__name__}"
+            )
+        self.in_features, self.out_features = _get_in_out_features(base)
+        # Conv1D (GPT-2) stores its weight as d_in x d_out, the transpose of nn.Linear's layout.
+        self.fan_in_fan_out = isinstance(base, Conv1D)
         self.kwargs = kwargs
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as a d_out x d_in matrix (a transposed view for Conv1D)."""
+        weight = self.get_base_weight()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def set_weight_out_in(self, weight: torch.Tensor) -> None:
+        """Write a d_out x d_in matrix back into the base weight in the layer's own layout."""
+        self.set_base_weight(weight.T.contiguous() if self.fan_in_fan_out else weight)
 
     # -- creation ----------------------------------------------------------------------------
     def update_layer(
@@ -90,7 +111,7 @@ class LamdaLayer(BaseTunerLayer):
             S = torch.empty(r, r)
             nn.init.kaiming_uniform_(S, a=math.sqrt(5))  # nn.Linear(r, r).weight default
             return A, S, torch.zeros(self.out_features, r)
-        weight = self.get_base_weight().float()
+        weight = self.weight_out_in().float()
         if config.init == "svd_lowrank":
             U, sigma, V = torch.svd_lowrank(weight, q=min(r + 8, min(weight.shape)), niter=config.svd_niter)
             A, B, sigma = V[:, :r].T.contiguous(), U[:, :r].contiguous(), sigma[:r]
@@ -100,7 +121,7 @@ class LamdaLayer(BaseTunerLayer):
         if config.init == "svd_residual":
             S = torch.diag(sigma) / self.scaling[adapter_name]
             residual = weight - (B * sigma) @ A
-            self.set_base_weight(residual.to(self.get_base_weight().dtype))
+            self.set_weight_out_in(residual.to(self.get_base_weight().dtype))
         else:
             S = torch.zeros(r, r)
         return A.cpu(), S.cpu(), B.cpu()
@@ -199,7 +220,7 @@ def _move_optimizer_entry(optimizer, old: torch.Tensor, new: Optional[torch.Tens
 
 
 class Linear(nn.Module, LamdaLayer):
-    """nn.Linear with LaMDA adapters."""
+    """An nn.Linear or Conv1D layer with LaMDA adapters."""
 
     def __init__(
         self,
@@ -221,11 +242,11 @@ class Linear(nn.Module, LamdaLayer):
         for name in adapter_names:
             if name not in self.lamda_S:
                 continue
-            base = self.get_base_weight()
+            base = self.weight_out_in()
             merged = base.float() + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging LaMDA adapter {name!r} gives non-finite weights")
-            self.set_base_weight(merged.to(base.dtype))
+            self.set_weight_out_in(merged.to(base.dtype))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -236,8 +257,8 @@ class Linear(nn.Module, LamdaLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lamda_S:
-                base = self.get_base_weight()
-                self.set_base_weight((base.float() - self.get_delta_weight(name)).to(base.dtype))
+                base = self.weight_out_in()
+                self.set_weight_out_in((base.float() - self.get_delta_weight(name)).to(base.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -1,4 +1,4 @@
-"""LamdaModel: decides which nn.Linear modules get a LaMDA layer (peft BaseTuner)."""
+"""LamdaModel: decides which linear (nn.Linear, GPT-2 Conv1D) modules get a LaMDA layer (peft BaseTuner)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from lamda_repro.methods.lamda.config import LamdaConfig
-from lamda_repro.methods.lamda.layer import LamdaLayer, Linear
+from lamda_repro.methods.lamda.layer import ADAPTABLE_LAYERS, LamdaLayer, Linear
 
 
 class LamdaModel(BaseTuner):
@@ -44,8 +44,11 @@ class LamdaModel(BaseTuner):
             target.update_layer(adapter_name, r, alpha, lamda_config)
             return
         base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LaMDA adapts torch.nn.Linear only; {current_key} is {type(base).__name__}")
+        if not isinstance(base, ADAPTABLE_LAYERS):
+            raise TypeError(
+                f"LaMDA adapts torch.nn.Linear and transformers Conv1D layers; {current_key} is "
+                f"{type(base).__name__}"
+            )
         new_module = Linear(target, adapter_name, r, alpha, lamda_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

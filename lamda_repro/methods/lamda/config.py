@@ -116,6 +116,19 @@ class LamdaConfig(PeftConfig):
         )
         self.validate()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config, marked so that the adapter built from it skips the SVD init.
+
+        peft builds the adapter from this config and then loads the saved A, S and B over it, so
+        decomposing every weight first would be wasted (hours for a 7B model on CPU). Only
+        ``init='svd_residual'`` still decomposes: the residual W - U_r Sigma_r V_r^T is not saved.
+        The mark is an attribute, not a field: it is never written to adapter_config.json.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.loading_saved_weights = True
+        return config
+
     def validate(self) -> None:
         """Raise LamdaConfigError naming the first invalid field."""
         if not isinstance(self.r, int) or self.r <= 0:

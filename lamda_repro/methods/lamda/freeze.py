@@ -20,9 +20,31 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from lamda_repro.methods.lamda.layer import LamdaLayer
+from lamda_repro.methods.lamda.layer import LamdaLayer, LamdaOptimizerError
 
 REFERENCE_CODE_PERIOD = Fraction(3, 10)
+
+
+def _splittable_optimizers() -> tuple[type, ...]:
+    """Optimizers whose state LaMDA splits when columns of B freeze (per-element or Adafactor-factored)."""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    optim = torch.optim
+    return (
+        optim.SGD, optim.Adam, optim.AdamW, optim.Adamax, optim.NAdam, optim.RAdam,
+        optim.RMSprop, optim.Adagrad, optim.Adadelta, optim.Adafactor, HFAdafactor,
+    )  # fmt: skip
+
+
+def check_optimizer_can_freeze(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, in one line, an optimizer whose state cannot be split column by column."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+    if not isinstance(inner, _splittable_optimizers()):
+        names = ", ".join(cls.__name__ for cls in _splittable_optimizers())
+        raise LamdaOptimizerError(
+            f"LaMDA freezes B column by column and splits the optimizer state; {type(inner).__name__} is not "
+            f"supported (supported: {names}; or set freeze_fraction 0 so that B is frozen before training)"
+        )
 
 
 def frozen_count_at_step(step: int, r: int, freeze_fraction: float, total_steps: int) -> int:
@@ -71,6 +93,16 @@ class LamdaFreezeController:
             raise ValueError("the model has no LaMDA layers to freeze")
         self.total_steps = total_steps if total_steps is not None else configured_total_steps(model)
         self.history: list[tuple[int, int]] = []  # (step, newly frozen components)
+        self._checked_optimizers: set[int] = set()
+
+    def _b_trains(self) -> bool:
+        """Whether some spectral-rule adapter still has trainable columns of B (to be frozen later)."""
+        return any(
+            module.lamda_B[a].requires_grad and module.lamda_B[a].shape[1] > 0
+            for _, module in self.layers
+            for a in module.lamda_S
+            if self._rule(module, a) == "spectral"
+        )
 
     def _rule(self, module: LamdaLayer, adapter: str) -> str:
         return "reference_code" if module.lamda_init[adapter] == "reference_code" else "spectral"
@@ -93,6 +125,9 @@ class LamdaFreezeController:
     ) -> int:
         """Freeze every component due by ``step``; returns how many became newly frozen."""
         total = self._resolve_total(total_steps)
+        if optimizer is not None and id(optimizer) not in self._checked_optimizers and self._b_trains():
+            check_optimizer_can_freeze(optimizer)
+            self._checked_optimizers.add(id(optimizer))
         newly = 0
         for _, module in self.layers:
             for adapter in module.lamda_S:
@@ -118,9 +153,14 @@ class LamdaFreezeController:
                     B.grad[:, :t] = 0
 
     def before_optimizer_step(
-        self, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None
+        self, optimizer: torch.optim.Optimizer, step: int, total_steps: Optional[int] = None
     ) -> int:
         """Plain-loop entry point: apply both rules for optimizer step ``step``."""
+        if optimizer is None:
+            raise LamdaOptimizerError(
+                "LamdaFreezeController.before_optimizer_step needs the optimizer that trains the adapter "
+                "(freezing B without it would leave B's remaining columns out of training)"
+            )
         newly = self.freeze_for_step(optimizer, step, total_steps)
         self.zero_reference_code_gradients(step, total_steps)
         return newly

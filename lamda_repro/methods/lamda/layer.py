@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.pytorch_utils import Conv1D
 
 from lamda_repro.methods.lamda.config import LamdaConfig, LamdaConfigError
@@ -105,6 +107,9 @@ class LamdaLayer(BaseTunerLayer):
     @torch.no_grad()
     def _initial_factors(self, adapter_name: str, config: LamdaConfig):
         r = self.r[adapter_name]
+        if getattr(config, "loading_saved_weights", False) and config.init != "svd_residual":
+            # Saved A, S and B overwrite these right away (LamdaConfig.from_pretrained): no SVD.
+            return torch.zeros(r, self.in_features), torch.zeros(r, r), torch.zeros(self.out_features, r)
         if config.init == "reference_code":
             A = torch.empty(r, self.in_features)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -137,13 +142,15 @@ class LamdaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def freeze_components(
-        self, adapter_name: str, count: int, optimizer: Optional[torch.optim.Optimizer] = None
+        self, adapter_name: str, count: int, optimizer: Optional[torch.optim.Optimizer]
     ) -> int:
         """Freeze the first ``count`` columns of B; returns how many became newly frozen.
 
         The moved columns leave ``lamda_B`` (and the slices of its optimizer state leave the
         optimizer); when all r are frozen, ``lamda_B`` is taken out of the optimizer and its
         state deleted. Freezing is monotone: a smaller count than the current one is ignored.
+        ``optimizer`` is required: the optimizer training B, or None before any optimizer holds
+        B (an optimizer that holds the replaced B then refuses to step: LamdaOptimizerError).
         """
         r = self.r[adapter_name]
         if not 0 <= count <= r:
@@ -154,17 +161,20 @@ class LamdaLayer(BaseTunerLayer):
             return 0
         old = self.lamda_B[adapter_name]
         fully = count == r
-        self.lamda_B_frozen[adapter_name] = nn.Parameter(
-            torch.cat([self.lamda_B_frozen[adapter_name].data, old.data[:, :moved]], dim=1),
-            requires_grad=False,
-        )
         # A new Parameter object (not a resized .data): autograd caches shape metadata per leaf.
         new = nn.Parameter(old.data[:, moved:].clone(), requires_grad=not fully and old.requires_grad)
         if old.grad is not None and not fully:
             new.grad = old.grad[:, moved:].clone()
-        self.lamda_B[adapter_name] = new
         if optimizer is not None:
+            # May refuse (LamdaOptimizerError) before anything has moved.
             _move_optimizer_entry(optimizer, old, None if fully else new, moved)
+        elif old.requires_grad and not fully:
+            _REPLACED_WITHOUT_OPTIMIZER[id(old)] = old
+        self.lamda_B_frozen[adapter_name] = nn.Parameter(
+            torch.cat([self.lamda_B_frozen[adapter_name].data, old.data[:, :moved]], dim=1),
+            requires_grad=False,
+        )
+        self.lamda_B[adapter_name] = new
         if fully:
             self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS + ("lamda_B",)
         return moved
@@ -194,12 +204,71 @@ class LamdaLayer(BaseTunerLayer):
             self.scaling[adapter] = scale * self.lamda_alpha[adapter] / self.r[adapter]
 
 
+class LamdaOptimizerError(RuntimeError):
+    """The optimizer cannot follow the freeze of B (unknown state layout, or B not handed over)."""
+
+
+# Adafactor keeps a factored second moment for matrices: per-row and per-column statistics
+# (torch: row_var d_out x 1, col_var 1 x cols; transformers: exp_avg_sq_row d_out, exp_avg_sq_col cols).
+ROW_FACTORED_STATE = ("row_var", "exp_avg_sq_row")
+COLUMN_FACTORED_STATE = ("col_var", "exp_avg_sq_col")
+
+
+def _split_state(key: str, value, old: torch.Tensor, moved: int, optimizer) -> object:
+    """The part of one optimizer-state entry of ``old`` that belongs to its last cols - moved columns."""
+    if not torch.is_tensor(value) or value.numel() == 1:
+        return value  # step counters, scalars
+    if value.shape == old.shape:
+        return value[:, moved:].clone()  # per-element state (Adam moments, momentum, ...)
+    if key in COLUMN_FACTORED_STATE and value.shape[-1] == old.shape[1]:
+        return value[..., moved:].clone()
+    if key in ROW_FACTORED_STATE:
+        return value  # rescaled with the column statistics in _split_factored
+    name = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    raise LamdaOptimizerError(
+        f"cannot split {name}'s state {key!r} of shape {tuple(value.shape)} when freezing columns of "
+        f"LaMDA's B; use an optimizer with per-element or Adafactor-style state, or freeze_fraction 0"
+    )
+
+
+def _split_factored(old_state: dict, new_state: dict, moved: int) -> None:
+    """Rescale Adafactor's row statistics to the remaining columns.
+
+    Adafactor estimates the second moment as V_ij = R_i C_j / mean(R), where R (row means) and C
+    (column means) both average the same squared gradients, so mean(R) = mean(C). Dropping the
+    first ``moved`` columns leaves C' = C[moved:]; setting R' = R * mean(C') / mean(C) keeps that
+    model: V' equals V on the remaining columns and mean(R') = mean(C').
+    """
+    for row_key, col_key in zip(ROW_FACTORED_STATE, COLUMN_FACTORED_STATE, strict=True):
+        if row_key in old_state and col_key in old_state:
+            col_old = old_state[col_key].float()
+            total = col_old.mean()
+            if float(total) > 0:
+                factor = col_old[..., moved:].mean() / total
+                new_state[row_key] = (old_state[row_key].float() * factor).to(old_state[row_key].dtype)
+            else:
+                new_state[row_key] = old_state[row_key].clone()
+
+
 def _move_optimizer_entry(optimizer, old: torch.Tensor, new: Optional[torch.Tensor], moved: int) -> None:
     """Replace ``old`` by ``new`` in the optimizer, keeping state minus the first ``moved`` columns.
 
-    ``new=None`` removes the parameter and deletes its state.
+    ``new=None`` removes the parameter and deletes its state. Per-element state (AdamW moments,
+    SGD momentum, ...) loses those columns; Adafactor's factored state is split as well
+    (``_split_factored``); any other state layout raises LamdaOptimizerError.
     """
-    for group in optimizer.param_groups:
+    holders = [group for group in optimizer.param_groups if any(p is old for p in group["params"])]
+    if not holders and old.requires_grad:
+        raise LamdaOptimizerError(
+            "the optimizer given to freeze LaMDA's B does not hold B's trainable columns; pass the "
+            "optimizer that trains the adapter"
+        )
+    state = optimizer.state.get(old)
+    split = None
+    if new is not None and state:  # computed first: an unsplittable state changes nothing
+        split = {key: _split_state(key, value, old, moved, optimizer) for key, value in state.items()}
+        _split_factored(state, split, moved)
+    for group in holders:
         params, names = group["params"], group.get("param_names")
         for i in range(len(params) - 1, -1, -1):
             if params[i] is not old:
@@ -210,13 +279,30 @@ def _move_optimizer_entry(optimizer, old: torch.Tensor, new: Optional[torch.Tens
                     del names[i]
             else:
                 params[i] = new
-    state = optimizer.state.pop(old, None)
-    if new is None or not state:
+    optimizer.state.pop(old, None)
+    if split is not None:
+        optimizer.state[new] = split
+
+
+# B parameters replaced by a freeze that was given no optimizer. An optimizer that still holds
+# one would silently stop training B's remaining columns, so its next step fails instead.
+# Keyed by id (tensors compare element-wise, so a WeakSet cannot hold them); entries leave with the tensor.
+_REPLACED_WITHOUT_OPTIMIZER: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _refuse_stale_b(optimizer, args, kwargs) -> None:
+    if not _REPLACED_WITHOUT_OPTIMIZER:
         return
-    optimizer.state[new] = {
-        key: value[:, moved:].clone() if torch.is_tensor(value) and value.shape == old.shape else value
-        for key, value in state.items()
-    }
+    for group in optimizer.param_groups:
+        if any(_REPLACED_WITHOUT_OPTIMIZER.get(id(p)) is p for p in group["params"]):
+            raise LamdaOptimizerError(
+                f"{type(optimizer).__name__} still holds a LaMDA B that was frozen without it, so B's "
+                "remaining columns would not train: pass the optimizer to the freeze "
+                "(LamdaFreezeController.before_optimizer_step(optimizer, step) or freeze_components)"
+            )
+
+
+register_optimizer_step_pre_hook(_refuse_stale_b)
 
 
 class Linear(nn.Module, LamdaLayer):

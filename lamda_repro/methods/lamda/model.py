@@ -63,7 +63,12 @@ class LamdaModel(BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, LamdaLayer) or adapter_name not in module.lamda_B_frozen:
                 continue
-            key = f"{name}.lamda_B_frozen.{adapter_name}"
-            if key in remapped:
-                module.resize_frozen(adapter_name, remapped[key].shape[1])
+            # The adapter was built without its SVD init (LamdaConfig.from_pretrained): every
+            # weight must come from the file.
+            for weight in LamdaLayer.adapter_layer_names:
+                if f"{name}.{weight}.{adapter_name}" not in remapped:
+                    raise ValueError(f"the saved LaMDA adapter {adapter_name!r} has no {weight} for {name}")
+            module.resize_frozen(adapter_name, remapped[f"{name}.lamda_B_frozen.{adapter_name}"].shape[1])
+        if getattr(config, "loading_saved_weights", False):
+            config.loading_saved_weights = False  # a later get_peft_model with this config initialises again
         return remapped

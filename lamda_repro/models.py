@@ -42,6 +42,38 @@ class ModelSourceError(ValueError):
     """A model entry points at nothing loadable."""
 
 
+# Key of config.json that marks a Recursive Transformer checkpoint written by
+# lamda_repro.recursive.save_recursive (shared layers stored once, relaxation LoRAs, re-tied on load).
+RECURSIVE_CONFIG_KEY = "recursion"
+
+
+def is_recursive_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the local model folder ``path`` holds a checkpoint written by ``save_recursive``.
+
+    transformers' ``from_pretrained`` loads such a folder without error but re-initialises the
+    tied positions (stored once, under their owner) and drops the relaxation LoRAs; only
+    ``lamda_repro.recursive.load_recursive`` rebuilds it. Hub ids (no local folder) give False.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(config, dict) and bool(config.get(RECURSIVE_CONFIG_KEY))
+
+
+def refuse_recursive_checkpoint(path: str | os.PathLike, what: str) -> None:
+    """One-line error when a loader that cannot rebuild a recursive model is pointed at one."""
+    if is_recursive_checkpoint(path):
+        raise ModelSourceError(
+            f"{what}: {path} is a recursive checkpoint (config.json has {RECURSIVE_CONFIG_KEY!r}); "
+            "plain from_pretrained would re-initialise its tied layers and drop its LoRAs, and this "
+            "loader does not rebuild it (lamda_repro.recursive.load_recursive does)"
+        )
+
+
 def package_model_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -68,6 +100,7 @@ def resolve_model_source(entry: dict[str, Any], name: str, workdir: str) -> tupl
         path = Path(entry["path"])
         if not (path / "config.json").exists():
             raise ModelSourceError(f"models.{name}.path: no config.json in {path}")
+        refuse_recursive_checkpoint(path, f"models.{name}.path")
         return str(path), {}
     if src == "package":
         return str(package_model_dir(entry["package"])), {}
@@ -106,6 +139,7 @@ def load_model(entry: dict[str, Any], name: str, workdir: str, task_kind: str, n
     import torch
 
     path, kw = resolve_model_source(entry, name, workdir)
+    refuse_recursive_checkpoint(path, f"models.{name}")
     tok = load_tokenizer(entry, name, workdir)
     kwargs: dict[str, Any] = dict(kw)
     kwargs["trust_remote_code"] = entry.get("trust_remote_code", False)

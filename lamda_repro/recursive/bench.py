@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lamda_repro.recursive.convert import convert_to_recursive
+from lamda_repro.recursive.convert import convert_to_recursive, load_causal_lm
 from lamda_repro.recursive.counts import model_non_embedding_parameters, weight_bytes
 from lamda_repro.recursive.evaluate import forward_throughput
 
@@ -24,9 +24,7 @@ def benchmark_conversion(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Throughput and weight bytes of the model at ``model_path`` and of its recursive conversions."""
-    from transformers import AutoModelForCausalLM
-
-    original = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    original = load_causal_lm(model_path).to(device).eval()
     variants = {
         "original": original,
         f"recursive_B{num_loops}": convert_to_recursive(original, num_loops, init="average"),

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from lamda_repro.models import OFFLINE_VARS
+from lamda_repro.models import OFFLINE_VARS, ModelSourceError, refuse_recursive_checkpoint
 
 
 def _section(args) -> dict:
@@ -146,6 +146,11 @@ def cmd_relax_error(args) -> int:
     args.num_loops, args.init = args.num_loops or [2], args.init or "average"
     if not ranks:
         print("recursive-relax-error: no budgets (give --budget-lora-ranks)", file=sys.stderr)
+        return 2
+    try:  # relaxation errors compare a plain model's layers; a recursive one has them tied already
+        refuse_recursive_checkpoint(path, "recursive-relax-error")
+    except ModelSourceError as exc:
+        print(exc, file=sys.stderr)
         return 2
     model = AutoModel.from_pretrained(path, use_safetensors=True)
     layers = find_layers(model)

@@ -191,6 +191,22 @@ def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     return directory
 
 
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """A causal LM from a folder or Hub id; a ``save_recursive`` checkpoint goes through ``load_recursive``.
+
+    The recursive stage's loaders use this instead of ``AutoModelForCausalLM.from_pretrained``,
+    which would load a recursive checkpoint without error but with its tied positions
+    re-initialised and its relaxation LoRAs dropped.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lamda_repro.models import is_recursive_checkpoint
+
+    if is_recursive_checkpoint(path):
+        return load_recursive(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
 def load_recursive(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model written by ``save_recursive`` (or any single-file safetensors causal LM).
 

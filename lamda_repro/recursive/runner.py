@@ -37,6 +37,7 @@ from lamda_repro.recursive.convert import (
     RecursiveConfigError,
     convert_to_recursive,
     decoder_layers,
+    load_causal_lm,
     load_recursive,
     save_recursive,
     truncate_layers,
@@ -484,12 +485,12 @@ def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: to
 
 def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.device):
     """(model, tokenizer) of model entry ``name``: its pretrained folder or its path / Hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     entry = section["models"][name]
     path = base_model_path(section, name, workdir)
     dtype = getattr(torch, entry.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = load_causal_lm(path, dtype=dtype).to(device)  # a recursive checkpoint via load_recursive
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", path))
     if tokenizer.pad_token_id is None:

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamda_repro.models import RECURSIVE_CONFIG_KEY
+
 SHARING_STRATEGIES = ("cycle", "sequence")
 INIT_METHODS = ("stepwise", "average", "lower", "upper", "random")
-RECURSION_CONFIG_KEY = "recursion"
+RECURSION_CONFIG_KEY = RECURSIVE_CONFIG_KEY  # models.is_recursive_checkpoint looks for it
 WEIGHTS_NAME = "model.safetensors"
 
 # Attribute paths of the decoder-layer list for the supported architectures.

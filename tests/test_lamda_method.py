@@ -77,8 +77,13 @@ def test_lamdapp_records_allocation_within_budget():
     model = method.apply(
         tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=4)
     )
-    ranks = method.record_info(model)["lamda"]["rank_allocation"]
+    info = method.record_info(model)["lamda"]
+    ranks = info["rank_allocation"]
     assert len(ranks) == 14 and sum(r * r for r in ranks.values()) <= 14 * 16
+    assert info["allocation_rule"] == "energy_target"
+    histogram = {str(r): list(ranks.values()).count(r) for r in sorted(set(ranks.values()))}
+    assert info["rank_histogram"] == histogram
+    assert info["allocation_uniform"] == (len(histogram) == 1)
     for name, module in model.named_modules():
         if isinstance(module, LamdaLayer):
             assert module.r["default"] == ranks[name.removeprefix("base_model.model.")]
@@ -100,3 +105,20 @@ def test_unknown_task_kind_is_rejected():
         build_method({"type": "lamda", "r": 2}).apply(
             tiny_llama(), MethodContext(task_kind="qa", model_type="llama")
         )
+
+
+def test_every_lamda_record_has_its_rank_histogram():
+    method = build_method({"type": "lamda", "r": 4, "target_modules": LLAMA_TARGETS})
+    model = method.apply(
+        tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=4)
+    )
+    info = method.record_info(model)["lamda"]
+    assert info["rank_histogram"] == {"4": 14} and info["allocation_uniform"] is True
+    assert "allocation_rule" not in info
+    old_rule = build_method(
+        {"type": "lamdapp", "r": 4, "target_modules": LLAMA_TARGETS, "rule": "inverse_energy"}
+    )
+    model = old_rule.apply(
+        tiny_llama(), MethodContext(task_kind="causal-lm", model_type="llama", total_steps=4)
+    )
+    assert old_rule.record_info(model)["lamda"]["allocation_rule"] == "inverse_energy"

@@ -8,7 +8,13 @@ from peft import LoraConfig, get_peft_model
 from test_lamda_helpers import tiny_llama  # noqa: F401
 
 from lamda_repro.methods.lamda import allocate_ranks, rank_pattern_for_lamdapp, weight_spectra
-from lamda_repro.methods.lamda.allocation import RankAllocationError, captured_energy
+from lamda_repro.methods.lamda.allocation import (
+    RULES,
+    RankAllocationError,
+    captured_energy,
+    energy_curve,
+    rank_histogram,
+)
 
 
 def matrix_with_spectrum(sigma, n=64, seed=0):
@@ -30,16 +36,20 @@ def test_captured_energy_matches_definition():
 def test_flat_spectrum_gets_more_rank_than_concentrated_one():
     flat = [1.0] * 64
     steep = [2.0**-i for i in range(64)]
-    ranks = allocate_ranks({"flat": flat, "steep": steep, "mid": [0.9**i for i in range(64)]}, r0=8)
-    assert ranks["flat"] > ranks["mid"] > ranks["steep"]
-    reverse = allocate_ranks({"flat": flat, "steep": steep}, r0=8, direction="more_energy_more_rank")
+    spectra = {"flat": flat, "steep": steep, "mid": [0.9**i for i in range(64)]}
+    for rule in RULES:
+        ranks = allocate_ranks(spectra, r0=8, rule=rule)
+        assert ranks["flat"] > ranks["mid"] > ranks["steep"], rule
+    reverse = allocate_ranks(
+        {"flat": flat, "steep": steep}, r0=8, rule="inverse_energy", direction="more_energy_more_rank"
+    )
     assert reverse["steep"] > reverse["flat"]
 
 
 def test_budget_and_clamps_are_respected():
     spectra = {f"m{i}": [1.0 / (1 + i * j) for j in range(64)] for i in range(10)}
     r0 = 8
-    for kw in ({}, {"r_min": 4, "r_max": 12}, {"r_min": 2, "r_max": 64}):
+    for kw in ({}, {"r_min": 4, "r_max": 12}, {"r_min": 2, "r_max": 64}, {"rule": "inverse_energy"}):
         ranks = allocate_ranks(spectra, r0, **kw)
         assert sum(r * r for r in ranks.values()) <= len(spectra) * r0 * r0
         assert all(kw.get("r_min", 1) <= r <= kw.get("r_max", 4 * r0) for r in ranks.values())
@@ -47,15 +57,20 @@ def test_budget_and_clamps_are_respected():
         assert sum(r * r for r in ranks.values()) >= len(spectra) * r0 * r0 - sum(
             2 * r + 1 for r in ranks.values()
         )
-    linear = allocate_ranks(spectra, r0, budget="linear")
-    assert sum(linear.values()) <= len(spectra) * r0
+    for rule in RULES:
+        linear = allocate_ranks(spectra, r0, budget="linear", rule=rule)
+        assert sum(linear.values()) <= len(spectra) * r0
+        assert sum(linear.values()) == len(spectra) * r0 or any(r == 4 * r0 for r in linear.values())
 
 
 def test_equal_spectra_give_uniform_ranks_and_allocation_is_deterministic():
     spectra = {f"layer{i}": [1.0 / (j + 1) for j in range(32)] for i in range(6)}
-    assert allocate_ranks(spectra, 8) == {n: 8 for n in spectra}
     mixed = {"a": [1.0] * 32, "b": [1 / (j + 1) for j in range(32)], "c": [0.5**j for j in range(32)]}
-    assert allocate_ranks(mixed, 6) == allocate_ranks(dict(reversed(list(mixed.items()))), 6)
+    for rule in RULES:
+        assert allocate_ranks(spectra, 8, rule=rule) == {n: 8 for n in spectra}
+        assert allocate_ranks(mixed, 6, rule=rule) == allocate_ranks(
+            dict(reversed(list(mixed.items()))), 6, rule=rule
+        )
 
 
 def test_rank_capped_by_matrix_size():
@@ -72,6 +87,8 @@ def test_invalid_inputs_raise():
         allocate_ranks({"a": [1.0] * 8, "b": [1.0] * 8}, 2, r_min=3)
     with pytest.raises(RankAllocationError, match="non-negative"):
         allocate_ranks({"a": [-1.0]}, 1)
+    with pytest.raises(RankAllocationError, match="rule"):
+        allocate_ranks({"a": [1.0]}, 1, rule="waterfill")
 
 
 def test_known_spectra_in_a_model_and_lora_rank_pattern_export():
@@ -104,6 +121,44 @@ def test_truncated_spectrum_gives_the_same_energy_and_allocation():
         assert isinstance(spectrum, TruncatedSpectrum) and len(spectrum.values) == 8
         assert spectrum.max_rank == len(exact[name])
         assert captured_energy(spectrum, 4) == pytest.approx(captured_energy(exact[name], 4), rel=0.05)
-    assert allocate_ranks(top, 4) == allocate_ranks(exact, 4)
+    assert allocate_ranks(top, 4, rule="inverse_energy") == allocate_ranks(exact, 4, rule="inverse_energy")
+    with pytest.raises(RankAllocationError, match="truncated"):
+        allocate_ranks(top, 4)  # energy_target needs E(r) up to r_max = 16
+    top16 = weight_spectra(model, ["q_proj", "up_proj"], top_k=16, niter=8)
+    assert allocate_ranks(top16, 4) == allocate_ranks(exact, 4)
     with pytest.raises(RankAllocationError, match="truncated"):
         captured_energy(TruncatedSpectrum((1.0, 0.5), 2.0, 10), 3)
+
+
+def test_energy_target_is_max_min_in_captured_energy():
+    spectra = {f"m{i}": [1.0 / (1 + i * j) ** 0.7 for j in range(48)] for i in range(8)}
+    spectra["flat"] = [1.0] * 48
+    r0, budget = 6, 9 * 36
+    ranks = allocate_ranks(spectra, r0)
+    spent = sum(r * r for r in ranks.values())
+    assert spent <= budget
+    shares = {n: captured_energy(spectra[n], r) for n, r in ranks.items()}
+    tau = min(shares.values())
+    # each module has the smallest rank reaching tau, or more (the leftover budget), never less
+    for n, r in ranks.items():
+        curve = energy_curve(spectra[n], 4 * r0)
+        smallest = next(k for k, e in enumerate(curve) if e >= tau - 1e-12)
+        assert r >= smallest
+    # the lowest share cannot be raised: its next rank does not fit the budget (or its cap)
+    lowest = min(shares, key=lambda n: (shares[n], n))
+    r = ranks[lowest]
+    assert r == 4 * r0 or spent + 2 * r + 1 > budget
+    assert rank_histogram(ranks) == {k: list(ranks.values()).count(k) for k in sorted(set(ranks.values()))}
+
+
+def test_minilm_inverse_energy_is_uniform_and_energy_target_separates():
+    """all-MiniLM-L6-v2 (the smoke NLU model), targets query/key/value/dense, r0 8: 37 matrices."""
+    from test_lamda_helpers import minilm_cls
+
+    spectra = weight_spectra(minilm_cls(), ["query", "key", "value", "dense"])
+    assert len(spectra) == 37
+    energies = [captured_energy(s, 8) for s in spectra.values()]
+    assert 0.05 < min(energies) and max(energies) < 0.3  # E(8) spans only ~0.08-0.23
+    assert set(allocate_ranks(spectra, 8, rule="inverse_energy").values()) == {8}
+    ranks = allocate_ranks(spectra, 8)
+    assert len(set(ranks.values())) >= 5 and sum(r * r for r in ranks.values()) <= 37 * 64

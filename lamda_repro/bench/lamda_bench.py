@@ -268,14 +268,18 @@ def _apply_method(kind: str, model: nn.Module, settings: BenchSettings):
             )
         return model, optimizer, info
     from lamda_repro.methods.lamda import LamdaConfig, allocate_ranks, weight_spectra
+    from lamda_repro.methods.lamda.allocation import DEFAULT_RULE, rank_histogram
 
     rank_pattern = {}
     if kind == "lamdapp":
         t0 = time.perf_counter()
-        # E(r0) needs only the top r0 singular values and the total energy: randomized SVD.
-        ranks = allocate_ranks(weight_spectra(model, targets, top_k=settings.rank), settings.rank)
+        # The default rule (energy_target) needs E(r) up to r_max = 4 r0: the top 4 r0 singular
+        # values and the total energy, from a seeded randomized SVD.
+        ranks = allocate_ranks(weight_spectra(model, targets, top_k=4 * settings.rank), settings.rank)
         info["spectra_seconds"] = round(time.perf_counter() - t0, 2)
+        info["allocation_rule"] = DEFAULT_RULE
         info["rank_allocation"] = ranks
+        info["rank_histogram"] = {str(k): v for k, v in rank_histogram(ranks).items()}
         rank_pattern = {re.escape(n): r for n, r in ranks.items()}
     config = LamdaConfig(
         r=settings.rank,

@@ -13,6 +13,7 @@ parameter budget when all modules have the same shape).
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from transformers.pytorch_utils import Conv1D
 
 DIRECTIONS = ("less_energy_more_rank", "more_energy_more_rank")
 BUDGETS = ("square", "linear")
+RULES = ("energy_target", "inverse_energy")
+DEFAULT_RULE = "energy_target"
 
 
 class RankAllocationError(ValueError):
@@ -67,10 +70,31 @@ def captured_energy(spectrum: Spectrum, r: int) -> float:
     return min(1.0, float(energy[:r].sum()) / total)
 
 
+def energy_curve(spectrum: Spectrum, upto: int) -> list[float]:
+    """[E(0), E(1), ..., E(upto)]: captured-energy fractions of ranks 0..upto (as captured_energy)."""
+    values = spectrum.values if isinstance(spectrum, TruncatedSpectrum) else spectrum
+    sigma = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if sigma.numel() == 0 or bool((sigma < 0).any()):
+        raise RankAllocationError("a spectrum must be a non-empty list of non-negative singular values")
+    energy = sigma.pow(2).sort(descending=True).values
+    if isinstance(spectrum, TruncatedSpectrum):
+        if upto > sigma.numel() and sigma.numel() < spectrum.max_rank:
+            raise RankAllocationError(f"a truncated spectrum of {sigma.numel()} values cannot give E({upto})")
+        total = float(spectrum.total_energy)
+    else:
+        total = float(energy.sum())
+    if total == 0.0:
+        return [1.0] * (upto + 1)
+    cumulative = torch.cat([energy.new_zeros(1), energy.cumsum(0)])[: upto + 1] / total
+    curve = [min(1.0, float(v)) for v in cumulative]
+    return curve + [curve[-1]] * (upto + 1 - len(curve))
+
+
 def allocate_ranks(
     spectra: Mapping[str, Spectrum],
     r0: int,
     *,
+    rule: str = DEFAULT_RULE,
     r_min: int = 1,
     r_max: Optional[int] = None,
     direction: str = "less_energy_more_rank",
@@ -80,10 +104,17 @@ def allocate_ranks(
     """Per-module ranks from singular values, deterministic and within the uniform-r0 budget.
 
     ``spectra`` maps module names to singular values of the pretrained weight (all of them, or a
-    TruncatedSpectrum with at least r0 values). ``r_max`` defaults to 4 * r0 and is also capped by
-    each matrix's rank bound.
-    ``total_budget`` overrides N r0^2 (square) or N r0 (linear).
+    TruncatedSpectrum with enough values: r0 for ``inverse_energy``, r_max for
+    ``energy_target``). ``r_max`` defaults to 4 * r0 and is also capped by each matrix's rank
+    bound. ``total_budget`` overrides N r0^2 (square) or N r0 (linear).
+
+    Rules: ``energy_target`` (default) raises ranks one at a time, always for the module whose
+    captured energy E_l(r_l) is lowest, while the budget allows: every module reaches a common
+    share of its spectral energy, the highest the budget affords (``direction`` does not apply).
+    ``inverse_energy``: rank^power proportional to 1 - E_l(r0) (or E_l(r0), see ``direction``).
     """
+    if rule not in RULES:
+        raise RankAllocationError(f"rule must be one of {RULES}, got {rule!r}")
     if not spectra:
         raise RankAllocationError("allocate_ranks needs at least one module spectrum")
     if not isinstance(r0, int) or r0 <= 0:
@@ -103,6 +134,9 @@ def allocate_ranks(
     limit = float(total_budget) if total_budget is not None else len(names) * r0**power
     if sum(floors[n] ** power for n in names) > limit + 1e-9:
         raise RankAllocationError(f"r_min={r_min} for {len(names)} modules exceeds the budget {limit:g}")
+
+    if rule == "energy_target":
+        return _energy_target(spectra, names, caps, floors, power, limit)
 
     scores = {}
     for n in names:
@@ -136,6 +170,40 @@ def allocate_ranks(
             ranks[n] += 1
             spent += step_cost
     return ranks
+
+
+def _energy_target(spectra, names, caps, floors, power: int, limit: float) -> dict[str, int]:
+    """Max-min share of spectral energy: raise the rank of the module with the lowest E_l(r_l).
+
+    Starting from r_min, each step gives one more rank to the module whose captured energy is
+    lowest (ties: the smaller rank, then the name) if that fits the budget and its cap; a module
+    that cannot grow any more leaves the race. The result: r_l = min{r : E_l(r) >= tau} (clamped)
+    for the highest common target tau the budget affords, then the rest of the budget to the
+    modules with the lowest shares.
+    """
+    ranks = dict(floors)
+    spent = sum(r**power for r in ranks.values())
+    curves = {n: energy_curve(spectra[n], caps[n]) for n in names}
+    heap = [(curves[n][ranks[n]], ranks[n], n) for n in names if ranks[n] < caps[n]]
+    heapq.heapify(heap)
+    while heap:
+        _, rank, n = heapq.heappop(heap)
+        step_cost = (rank + 1) ** power - rank**power
+        if spent + step_cost > limit + 1e-9:
+            continue  # cannot grow within the budget: out of the race
+        ranks[n] = rank + 1
+        spent += step_cost
+        if ranks[n] < caps[n]:
+            heapq.heappush(heap, (curves[n][ranks[n]], ranks[n], n))
+    return ranks
+
+
+def rank_histogram(ranks: Mapping[str, int]) -> dict[int, int]:
+    """{rank: number of modules}, ranks ascending."""
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[int(rank)] = counts.get(int(rank), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _matches(name: str, target_modules) -> bool:

@@ -17,7 +17,15 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from lamda_repro.methods.base import Method, MethodConfigError, MethodContext, register_method
-from lamda_repro.methods.lamda.allocation import BUDGETS, DIRECTIONS, allocate_ranks, weight_spectra
+from lamda_repro.methods.lamda.allocation import (
+    BUDGETS,
+    DEFAULT_RULE,
+    DIRECTIONS,
+    RULES,
+    allocate_ranks,
+    rank_histogram,
+    weight_spectra,
+)
 from lamda_repro.methods.lamda.config import INIT_CHOICES, LamdaConfig
 from lamda_repro.methods.lamda.freeze import LamdaFreezeCallback, LamdaFreezeController, lamda_layers
 from lamda_repro.methods.peft_methods import LORA_FAMILY_SCHEMA
@@ -140,7 +148,12 @@ class LamdaMethod(Method):
             ),
             **lamda_trainable_summary(model),
         }
+        ranks = {name: m.r[a] for name, m in layers for a in m.lamda_S}
+        # JSON keys are strings: {"4": 10, "8": 27} = 10 modules of rank 4, 27 of rank 8.
+        info["rank_histogram"] = {str(k): v for k, v in rank_histogram(ranks).items()}
+        info["allocation_uniform"] = len(set(ranks.values())) <= 1
         if self.rank_allocation is not None:
+            info["allocation_rule"] = self.settings.get("rule", DEFAULT_RULE)
             info["rank_allocation"] = dict(self.rank_allocation)
         return {"lamda": info}
 
@@ -156,13 +169,20 @@ class LamdaPlusPlusMethod(LamdaMethod):
         "r_max": {"type": "integer", "minimum": 1},
         "direction": {"enum": list(DIRECTIONS)},
         "budget": {"enum": list(BUDGETS)},
+        "rule": {
+            "enum": list(RULES),
+            "description": "energy_target (default): common share of spectral energy; inverse_energy: "
+            "rank^2 proportional to 1 - E(r0)",
+        },
     }
 
     def _rank_pattern(self, model: nn.Module, targets) -> dict[str, int]:
         import re
 
         options = {
-            k: self.settings[k] for k in ("r_min", "r_max", "direction", "budget") if k in self.settings
+            k: self.settings[k]
+            for k in ("rule", "r_min", "r_max", "direction", "budget")
+            if k in self.settings
         }
         if targets == "all-linear":
             resolved = _maybe_include_all_linear_layers(LamdaConfig(target_modules=targets), model)

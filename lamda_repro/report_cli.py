@@ -98,8 +98,12 @@ def aggregate(
             "reference file's numbers, a row only where it holds one, `n/a` for the others). "
             "Cells: `failed` = a run failed, `—` = no run, `n/a (no Java)` = METEOR could not "
             "run here. Accuracy-type metrics in percent points; `avg` only when every task "
-            "succeeded (higher-is-better metrics).",
+            "succeeded (higher-is-better metrics). `ranks` = the LaMDA / LaMDA++ rank histogram "
+            "(rank×matrices).",
         ]
+        uniform = tables.uniform_allocation_note(cells, family)
+        if uniform:
+            notes.append(uniform)
         written += tables.write_table(
             table, tables_dir / family, tables.FAMILY_TITLES.get(family, family), notes
         )

@@ -69,6 +69,10 @@ class TableInputError(ValueError):
     """Records or reference data that a table cannot be built from."""
 
 
+LAMDAPP_TYPE = "lamdapp"
+UNIFORM = "uniform"
+
+
 def is_lamda_type(method_type: str | None) -> bool:
     """LaMDA and LaMDA++ method types (``lamda``, ``lamda_pp``, ``lamdapp``, ...)."""
     return bool(method_type) and str(method_type).lower().startswith("lamda")
@@ -114,7 +118,25 @@ FRAME_COLUMNS = (
     "train_tokens_per_s",
     "wall_time_s",
     "scale",
+    "ranks",
+    "allocation_uniform",
 )
+
+
+def rank_text(histogram: Any) -> str:
+    """A LaMDA run's ``rank_histogram`` ({"rank": matrices}) as table text: ``3×1, 4×2, 8×34``."""
+    if not isinstance(histogram, dict) or not histogram:
+        return ""
+    try:
+        pairs = sorted((int(rank), int(count)) for rank, count in histogram.items())
+    except (TypeError, ValueError):
+        raise TableInputError(f"rank_histogram {histogram!r} is not {{rank: count}}") from None
+    return ", ".join(f"{rank}×{count}" for rank, count in pairs)
+
+
+def _lamda_info(rec: dict[str, Any]) -> dict[str, Any]:
+    info = (rec.get("method_info") or {}).get("lamda")
+    return info if isinstance(info, dict) else {}
 
 
 def _number(value: Any) -> float:
@@ -227,6 +249,8 @@ def finetune_frame(records: Iterable[dict[str, Any]], paper_models: Iterable[str
                 "train_tokens_per_s": _number(throughput.get("train_tokens_per_s")),
                 "wall_time_s": _number(rec.get("wall_time_s")),
                 "scale": record_scale(spec, paper_models),
+                "ranks": rank_text(_lamda_info(rec).get("rank_histogram")) if success else "",
+                "allocation_uniform": _lamda_info(rec).get("allocation_uniform") if success else None,
                 **shown,
             }
         )
@@ -285,6 +309,8 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
                 "std": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
                 "scale": group["scale"].iloc[0],
                 "peak_kind": next((k for k in ok["peak_kind"] if k), ""),
+                "ranks": next((k for k in ok["ranks"] if k), ""),
+                "allocation_uniform": any(u is True for u in ok["allocation_uniform"]),
             }
         )
         for measure in _MEASURES:
@@ -309,6 +335,8 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         "std",
         "scale",
         "peak_kind",
+        "ranks",
+        "allocation_uniform",
         *_MEASURES,
         *extra,
     ]
@@ -516,9 +544,17 @@ def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFra
                 "trainable params": _format_range(ok["trainable"], format_count),
                 "peak memory": _format_range(ok["peak_bytes"], format_bytes),
                 "train state": _format_range(ok["train_state_bytes"], format_bytes),
+                "ranks": _ranks_cell(ok),
             }
             if ok.empty and len(mine):
-                row.update({"trainable params": FAILED, "peak memory": FAILED, "train state": FAILED})
+                row.update(
+                    {
+                        "trainable params": FAILED,
+                        "peak memory": FAILED,
+                        "train state": FAILED,
+                        "ranks": FAILED,
+                    }
+                )
             for t, metric, column in columns_of:
                 row[column] = metric_cell_text(by_task[t], metric) if metric else cell_text(by_task[t])
             avg = row_average([by_task[t] for t in tasks])
@@ -535,10 +571,39 @@ def family_table(cells: pd.DataFrame, family: str, reference=None) -> pd.DataFra
         "trainable params",
         "peak memory",
         "train state",
+        "ranks",
         *(column for _, _, column in columns_of),
         "avg",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _ranks_cell(cells: pd.DataFrame) -> str:
+    """The rank histogram(s) of a method's cells; LaMDA++ allocations that came out uniform say so."""
+    texts = []
+    for c in cells.itertuples(index=False):
+        if not c.ranks:
+            continue
+        uniform = c.allocation_uniform and c.method_type == LAMDAPP_TYPE
+        text = f"{c.ranks} ({UNIFORM})" if uniform else c.ranks
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def uniform_allocation_note(cells: pd.DataFrame, family: str) -> str | None:
+    """A note naming the LaMDA++ cells of ``family`` whose rank allocation came out uniform."""
+    mine = cells[(cells["family"] == family) & (cells["method_type"] == LAMDAPP_TYPE)]
+    uniform = mine[mine["allocation_uniform"]]
+    if uniform.empty:
+        return None
+    where = "; ".join(
+        f"{c.method} on {c.model} / {c.task} ({c.ranks})" for c in uniform.itertuples(index=False)
+    )
+    return (
+        f"LaMDA++ allocation came out {UNIFORM} (every matrix at rank r0, the same adapter shapes as "
+        f"LaMDA at that rank): {where}."
+    )
 
 
 def _paper_row(reference, family, experiment, model, method, columns_of, primary) -> dict | None:

@@ -358,3 +358,42 @@ def test_reference_parse_rejects_value_without_source():
     }
     with pytest.raises(ValueError, match="source"):
         parse_reference(data)
+
+
+def lamda_record(method, method_type, histogram, uniform, score=0.9, model="minilm", **kw):
+    rec = finetune_record(method=method, method_type=method_type, score=score, model=model, **kw)
+    rec["method_info"] = {"lamda": {"rank_histogram": histogram, "allocation_uniform": uniform}}
+    return rec
+
+
+def test_lamdapp_row_differs_from_lamda_wherever_the_allocation_differs():
+    # Same scores and counts: only the allocation tells the rows apart.
+    recs = [
+        lamda_record("lamda_r8", "lamda", {"8": 37}, True),
+        lamda_record("lamdapp_r8", "lamdapp", {"3": 1, "8": 30, "9": 6}, False),
+        lamda_record("lamda_r8", "lamda", {"8": 8}, True, model="tiny_gpt2"),
+        lamda_record("lamdapp_r8", "lamdapp", {"8": 8}, True, model="tiny_gpt2"),
+        finetune_record(),
+    ]
+    cells = cells_of(recs)
+    table = tables.family_table(cells, "nlu")
+    shown = [c for c in table.columns if c not in ("method",)]
+
+    def row(method, model):
+        return table[(table["method"] == method) & (table["model"] == model)].iloc[0]
+
+    differs = row("lamda_r8", "minilm")[shown] != row("lamdapp_r8", "minilm")[shown]
+    assert list(differs[differs].index) == ["ranks"]
+    assert row("lamda_r8", "minilm")["ranks"] == "8×37"
+    assert row("lamdapp_r8", "minilm")["ranks"] == "3×1, 8×30, 9×6"
+    assert row("lamdapp_r8", "tiny_gpt2")["ranks"] == "8×8 (uniform)"
+    assert row("lora_r8", "minilm")["ranks"] == ""
+    note = tables.uniform_allocation_note(cells, "nlu")
+    assert note is not None and "lamdapp_r8 on tiny_gpt2 / sst2 (8×8)" in note and "minilm" not in note
+    assert tables.uniform_allocation_note(cells_of(recs[:2]), "nlu") is None
+
+
+def test_a_malformed_rank_histogram_is_refused():
+    rec = lamda_record("lamdapp_r8", "lamdapp", {"eight": 3}, False)
+    with pytest.raises(tables.TableInputError, match="rank_histogram"):
+        tables.finetune_frame([rec])

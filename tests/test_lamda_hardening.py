@@ -232,6 +232,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and peft: ~20 s
 def test_loading_before_the_lamda_import_names_the_import_or_registers_it(tmp_path):
     import subprocess
     import sys

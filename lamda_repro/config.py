@@ -85,6 +85,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "scale": "smoke",
     "workdir": "work",
     "results_dir": "results",
+    "logs_dir": "logs",
     "offline": True,
     "device": "auto",
     "threads": 0,

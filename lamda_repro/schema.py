@@ -22,6 +22,21 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message is one line: '<key path>: <problem>'."""
 
 
+# Every name in a config (experiments, models, tasks, methods, data sets, recursive models, runs
+# and budgets) becomes part of file paths and job commands, so it is kept to a safe alphabet. The
+# schemas' ``$defs/name`` holds the same pattern (a test keeps them equal).
+NAME_PATTERN = r"^(?!.*\n)(?!\.{1,2}$)(?!-)[A-Za-z0-9_.-]{1,64}$"
+NAME_RULE = "names use 1-64 letters, digits, '_', '-' or '.', do not start with '-', and are not '.' or '..'"
+
+
+def check_name(where: str, name: Any) -> None:
+    """Raise ConfigError unless ``name`` is a safe name (NAME_PATTERN)."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{where}: name {name!r} is not allowed ({NAME_RULE})")
+
+
 # -- schema checking with readable errors ---------------------------------------------------
 
 
@@ -37,6 +52,8 @@ def _format_path(where: str, path) -> str:
 
 def _describe(error) -> str:
     v, inst, val = error.validator, error.instance, error.validator_value
+    if v == "pattern" and val == NAME_PATTERN:
+        return f"name {inst!r} is not allowed ({NAME_RULE})"
     if v == "additionalProperties" and isinstance(inst, dict):
         allowed = set(error.schema.get("properties", {}))
         extra = sorted(k for k in inst if k not in allowed)

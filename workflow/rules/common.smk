@@ -18,6 +18,7 @@ validate(config, "../schemas/config.schema.yaml")
 
 WORKDIR = CFG["workdir"]
 RESULTS = CFG["results_dir"]
+LOGS = CFG["logs_dir"]
 RUNS = {spec.run_id: spec for spec in expand_runs(CFG)}
 
 # Optional stages add their targets here.
@@ -76,7 +77,9 @@ def all_targets():
 
 
 # -- aggregation (report.smk) ----------------------------------------------------------------
-REFERENCE = f"{RESULTS}/reference/papers.yaml"
+# The papers' numbers are part of the repository: read from results/reference/ whatever the
+# config's results_dir (the paper config writes its outputs elsewhere).
+REFERENCE = "results/reference/papers.yaml"
 
 
 def report_outputs():

@@ -1,4 +1,4 @@
-# Aggregation: every run record -> paper-style tables, figures and the claims ledger, all of
+# Aggregation: the records of the runs in the config -> paper-style tables, figures and the claims ledger, all of
 # which go into the Snakemake HTML report (`snakemake --report results/report.html`).
 rule aggregate:
     input:
@@ -20,7 +20,8 @@ rule aggregate:
         "../../environment.yml"
     shell:
         "lamda-repro aggregate --runs-dir {params.runs_dir:q} --bench-dir {params.bench_dir:q}"
-        " --reference {input.reference:q} --out {params.out:q} --families {params.families:q} > {log:q} 2>&1"
+        " --reference {input.reference:q} --out {params.out:q} --families {params.families:q}"
+        " --records {input.records:q} {input.recursive:q} {input.serving:q} 2>&1 | tee {log:q}"
 
 
 # The report displays images, HTML and PDF and offers other files as downloads, so every Markdown

@@ -124,6 +124,8 @@ def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None
     need = {"hub": "id", "local": "path", "package": "package", "build": "config"}[entry["source"]]
     if need not in entry:
         raise ConfigError(f"{where}: source {entry['source']!r} needs key {need!r}")
+    if entry["source"] == "local" and not Path(entry["path"]).expanduser().is_dir():
+        raise ConfigError(f"{where}.path: model folder not found: {entry['path']}")
     if entry["source"] == "build":
         if "model_type" not in entry["config"]:
             raise ConfigError(f"{where}.config: missing required key 'model_type'")
@@ -169,6 +171,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         except TaskConfigError as exc:
             raise ConfigError(f"tasks.{name}.type: {exc}") from None
         cls.check_params(entry, f"tasks.{name}")
+        for split, path in entry.get("data_files", {}).items():
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"tasks.{name}.data_files.{split}: data file not found: {path}")
         if "data" in entry and entry["data"] not in cfg["data"]:
             raise ConfigError(
                 f"tasks.{name}.data: unknown data set {entry['data']!r} "

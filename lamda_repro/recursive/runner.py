@@ -126,6 +126,13 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
             out[key] = {**out[key], **value}
         else:
             out[key] = value
+    for split, path in (out["corpus"].get("data_files") or {}).items():
+        if out["corpus"].get("kind") == "files" and not Path(path).expanduser().is_file():
+            raise RecursiveRunError(f"recursive.corpus.data_files.{split}: data file not found: {path}")
+    for name, entry in out["models"].items():
+        path = entry.get("path", "")
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            raise RecursiveRunError(f"recursive.models.{name}.path: model folder not found: {path}")
     names = [run_id(run) for run in out["runs"]]
     for run in out["runs"]:
         if run["model"] not in out["models"]:

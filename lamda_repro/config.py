@@ -23,8 +23,11 @@ from lamda_repro.schema import (  # noqa: F401  (re-exported: the config API)
     SCHEMA_DIR,
     SCHEMA_PATH,
     ConfigError,
+    DuplicateKeyError,
     check_against_schema,
     load_schema,
+    load_yaml,
+    yaml_problem,
 )
 
 # -- loading -------------------------------------------------------------------------------
@@ -48,9 +51,11 @@ def load_config(*paths: str | Path) -> dict[str, Any]:
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = load_yaml(p.read_text())
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{p}: {yaml_problem(exc)}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(exc)})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -190,6 +195,17 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             check_against_schema(
                 entry["training"], {"$ref": "config.schema.yaml#/$defs/training"}, f"methods.{name}.training"
             )
+    if cfg["device"] == "cpu":  # fp16 training needs CUDA (device auto is checked when the run starts)
+        blocks = {"training": cfg.get("training", {})}
+        blocks.update(
+            {f"experiments.{n}.training": e.get("training", {}) for n, e in cfg["experiments"].items()}
+        )
+        blocks.update({f"methods.{n}.training": m.get("training", {}) for n, m in cfg["methods"].items()})
+        for where, block in blocks.items():
+            if block.get("precision") == "fp16":
+                raise ConfigError(
+                    f"{where}.precision: fp16 needs a CUDA device (device: cpu); use fp32 or bf16"
+                )
     for name, exp in cfg["experiments"].items():
         where = f"experiments.{name}"
         _check_refs(f"{where}.models", exp["models"], cfg["models"], "model")

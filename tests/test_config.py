@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -196,3 +197,53 @@ def test_schemas_hold_the_library_name_pattern():
 
     for f in ("config.schema.yaml", "recursive.schema.yaml"):
         assert yaml.safe_load((SCHEMA_DIR / f).read_text())["$defs"]["name"]["pattern"] == NAME_PATTERN
+
+
+# -- silent misreadings --------------------------------------------------------------------
+
+
+def test_duplicate_yaml_keys_are_refused_naming_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ntraining:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 5.0e-3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value) == f"{p}: line 5: duplicate key 'lr' (first given on line 3)"
+    p.write_text("name: x\nname: y\n")
+    with pytest.raises(ConfigError, match="line 2: duplicate key 'name'"):
+        load_config(p)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base: &b {lr: 1.0, epochs: 2}\ntraining:\n  <<: *b\n  lr: 3.0\n")
+    assert load_config(p)["training"] == {"lr": 3.0, "epochs": 2}
+
+
+def test_duplicate_keys_in_the_reference_file_are_refused(tmp_path, repo_root):
+    from lamda_repro.claims import ReferenceFileError, load_reference
+
+    p = tmp_path / "papers.yaml"
+    p.write_text((repo_root / "results" / "reference" / "papers.yaml").read_text() + "\nschema_version: 1\n")
+    with pytest.raises(ReferenceFileError, match=r"papers\.yaml: line \d+: duplicate key 'schema_version'"):
+        load_reference(p)
+
+
+@pytest.mark.parametrize(
+    "key,where",
+    [
+        ("training", "training.precision"),
+        ("experiments.nlu.training", "experiments.nlu.training.precision"),
+        ("methods.full_ft.training", "methods.full_ft.training.precision"),
+    ],
+)
+def test_fp16_on_a_cpu_config_is_refused(repo_root, key, where):
+    cfg = default_config(repo_root)
+    assert cfg["device"] == "cpu"
+    node = cfg
+    for part in key.split("."):
+        node = node.setdefault(part, {})
+    node["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: fp16 needs a CUDA device \(device: cpu\)"):
+        validate_config(cfg)
+    cfg["device"] = "cuda"
+    validate_config(cfg)

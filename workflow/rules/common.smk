@@ -7,10 +7,11 @@ from pathlib import Path
 from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
-from lamda_repro.config import ConfigError, expand_runs, record_path, validate_config
+from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
 try:
+    load_config(*workflow.configfiles)  # Snakemake's own YAML reading keeps duplicate keys' last value
     CFG = validate_config(config)
 except ConfigError as exc:
     sys.exit(f"config error: {exc}")

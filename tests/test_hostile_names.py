@@ -197,3 +197,23 @@ def test_hostile_folder_names_reach_every_job_as_one_argument(tmp_path):
         assert words[words.index(">") + 1].startswith(dirs["logs_dir"] + "/"), cmd
     assert seen == path_flags
     assert not (project / "PWNED").exists() and _files(tmp) == set()
+
+
+@pytest.mark.slow
+def test_snakemake_refuses_a_config_file_with_a_duplicate_key(tmp_path):
+    """Snakemake reads config files keeping the last of two equal keys; the workflow reads them
+    again and stops with one line naming the file, the line and the key."""
+    project, tmp = tmp_path / "project", tmp_path / "tmp"
+    tmp.mkdir()
+    _copy_workflow(project)
+    text = (REPO / "config" / "config.yaml").read_text()
+    assert "\nthreads: " in text
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text + "\nthreads: 2\n")
+    proc = _snakemake(project, tmp, "-n", "--cores", "1", "--configfile", str(bad))
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "error" in ln.lower()]
+    expected = (
+        rf"config error: {re.escape(str(bad))}: line \d+: duplicate key 'threads' \(first given on line \d+\)"
+    )
+    assert len(lines) == 1 and re.fullmatch(expected, lines[0]), lines

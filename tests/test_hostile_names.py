@@ -194,7 +194,8 @@ def test_hostile_folder_names_reach_every_job_as_one_argument(tmp_path):
             seen.add(flag)
             value = words[words.index(flag) + 1]
             assert any(value == d or value.startswith(d + "/") for d in dirs.values()), (flag, value, cmd)
-        assert words[words.index(">") + 1].startswith(dirs["logs_dir"] + "/"), cmd
+        log = words[words.index(">" if ">" in words else "tee") + 1]  # `> log` or `| tee log`
+        assert log.startswith(dirs["logs_dir"] + "/"), cmd
     assert seen == path_flags
     assert not (project / "PWNED").exists() and _files(tmp) == set()
 

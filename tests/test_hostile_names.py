@@ -197,7 +197,8 @@ def test_hostile_folder_names_reach_every_job_as_one_argument(tmp_path):
         log = words[words.index(">" if ">" in words else "tee") + 1]  # `> log` or `| tee log`
         assert log.startswith(dirs["logs_dir"] + "/"), cmd
     assert seen == path_flags
-    assert not (project / "PWNED").exists() and _files(tmp) == set()
+    # (a dry run imports torch, which may set up its own cache folder in the temporary folder)
+    assert not [p for p in (*project.rglob("*PWNED*"), *tmp.rglob("*PWNED*"), *tmp_path.glob("PWNED"))]
 
 
 @pytest.mark.slow

@@ -29,14 +29,6 @@ NAME_PATTERN = r"^(?!.*\n)(?!\.{1,2}$)(?!-)[A-Za-z0-9_.-]{1,64}$"
 NAME_RULE = "names use 1-64 letters, digits, '_', '-' or '.', do not start with '-', and are not '.' or '..'"
 
 
-def check_name(where: str, name: Any) -> None:
-    """Raise ConfigError unless ``name`` is a safe name (NAME_PATTERN)."""
-    import re
-
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        raise ConfigError(f"{where}: name {name!r} is not allowed ({NAME_RULE})")
-
-
 # -- YAML without silent overrides -----------------------------------------------------------
 
 

@@ -174,6 +174,14 @@ def test_unsafe_names_are_refused_with_one_line(repo_root, site, name):
     assert "is not allowed" in msg
 
 
+def test_unsafe_serving_run_ids_are_refused(repo_root):
+    cfg = default_config(repo_root)
+    cfg["recursive"]["serving"]["vanilla"] = "$(touch PWNED)"
+    expected = r"^recursive\.serving\.vanilla: name '\$\(touch PWNED\)' is not allowed"
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(cfg)
+
+
 @pytest.mark.parametrize("key", ["name", "teacher", "budget", "model"])
 def test_unsafe_recursive_run_fields_are_refused(repo_root, key):
     cfg = default_config(repo_root)

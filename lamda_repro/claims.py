@@ -36,6 +36,7 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+from lamda_repro.schema import DuplicateKeyError, load_yaml, yaml_problem
 from lamda_repro.tables import (
     cell_summary,
     finetune_frame,
@@ -188,11 +189,12 @@ def load_reference(path: str | Path) -> Reference:
     path = Path(path)
     if not path.is_file():
         raise ReferenceFileError(f"reference file not found: {path}")
-    with open(path) as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ReferenceFileError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise ReferenceFileError(f"{path}: {yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ReferenceFileError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     return parse_reference(data, str(path))
 
 

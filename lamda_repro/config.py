@@ -23,8 +23,11 @@ from lamda_repro.schema import (  # noqa: F401  (re-exported: the config API)
     SCHEMA_DIR,
     SCHEMA_PATH,
     ConfigError,
+    DuplicateKeyError,
     check_against_schema,
     load_schema,
+    load_yaml,
+    yaml_problem,
 )
 
 # -- loading -------------------------------------------------------------------------------
@@ -48,9 +51,11 @@ def load_config(*paths: str | Path) -> dict[str, Any]:
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = load_yaml(p.read_text())
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{p}: {yaml_problem(exc)}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(exc)})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -85,6 +90,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "scale": "smoke",
     "workdir": "work",
     "results_dir": "results",
+    "logs_dir": "logs",
     "offline": True,
     "device": "auto",
     "threads": 0,
@@ -123,6 +129,8 @@ def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None
     need = {"hub": "id", "local": "path", "package": "package", "build": "config"}[entry["source"]]
     if need not in entry:
         raise ConfigError(f"{where}: source {entry['source']!r} needs key {need!r}")
+    if entry["source"] == "local" and not Path(entry["path"]).expanduser().is_dir():
+        raise ConfigError(f"{where}.path: model folder not found: {entry['path']}")
     if entry["source"] == "build":
         if "model_type" not in entry["config"]:
             raise ConfigError(f"{where}.config: missing required key 'model_type'")
@@ -168,6 +176,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         except TaskConfigError as exc:
             raise ConfigError(f"tasks.{name}.type: {exc}") from None
         cls.check_params(entry, f"tasks.{name}")
+        for split, path in entry.get("data_files", {}).items():
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"tasks.{name}.data_files.{split}: data file not found: {path}")
         if "data" in entry and entry["data"] not in cfg["data"]:
             raise ConfigError(
                 f"tasks.{name}.data: unknown data set {entry['data']!r} "
@@ -184,6 +195,17 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             check_against_schema(
                 entry["training"], {"$ref": "config.schema.yaml#/$defs/training"}, f"methods.{name}.training"
             )
+    if cfg["device"] == "cpu":  # fp16 training needs CUDA (device auto is checked when the run starts)
+        blocks = {"training": cfg.get("training", {})}
+        blocks.update(
+            {f"experiments.{n}.training": e.get("training", {}) for n, e in cfg["experiments"].items()}
+        )
+        blocks.update({f"methods.{n}.training": m.get("training", {}) for n, m in cfg["methods"].items()})
+        for where, block in blocks.items():
+            if block.get("precision") == "fp16":
+                raise ConfigError(
+                    f"{where}.precision: fp16 needs a CUDA device (device: cpu); use fp32 or bf16"
+                )
     for name, exp in cfg["experiments"].items():
         where = f"experiments.{name}"
         _check_refs(f"{where}.models", exp["models"], cfg["models"], "model")

@@ -1,7 +1,13 @@
 """``lamda-repro aggregate``: run records -> tables, figures and the claims ledger.
 
     lamda-repro aggregate --runs-dir results/runs --bench-dir results/bench \\
-        --reference results/reference/papers.yaml --out results --families nlu,summarization
+        --reference results/reference/papers.yaml --out results --families nlu,summarization \\
+        [--records results/runs/<run>.json ...]
+
+With ``--records`` (the workflow passes the records of the runs in its config) only those files
+are read, and every other record below ``--runs-dir`` is reported as stale (one line each) and
+left out; without it, every record below ``--runs-dir`` is read. Each record must be intact, of
+a known schema version, and sit at the path its spec names (lamda_repro.results.read_record).
 
 With ``--families`` the set of files written is fixed in advance (``aggregate_outputs``), so the
 workflow can list them as outputs; a family without records still gets its table ("no runs yet")
@@ -14,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lamda_repro.results import find_records, write_text_atomic
+from lamda_repro.results import find_records, load_records, stale_records, write_text_atomic
 from lamda_repro.tables import FINETUNE_FAMILIES
 
 TABLES_DIR = "tables"
@@ -62,14 +68,26 @@ def aggregate(
     reference_path: str | Path,
     out: str | Path,
     families: list[str] | None = None,
+    records: list[str | Path] | None = None,
 ) -> list[str]:
-    """Write every table, figure and the claims ledger; return the paths written."""
+    """Write every table, figure and the claims ledger; return the paths written.
+
+    ``records``: the record files to read (the runs of the config); others below ``runs_dir``
+    are reported as stale on stderr and left out. None: every record below ``runs_dir``."""
     from lamda_repro import tables
     from lamda_repro.claims import Evidence, claims_markdown, evaluate_claims, load_reference, suite_findings
     from lamda_repro.figures import write_family_figures
 
     reference = load_reference(reference_path)
-    records = find_records(runs_dir)
+    if records is None:
+        records = find_records(runs_dir)
+    else:
+        for path in stale_records(runs_dir, records):
+            print(
+                f"aggregate: stale record {path} (its run is not in the config; left out of the tables)",
+                file=sys.stderr,
+            )
+        records = load_records(records, runs_dir)
     out = Path(out)
     tables_dir, figures_dir = out / TABLES_DIR, out / FIGURES_DIR
 
@@ -146,7 +164,7 @@ def _scale_note(frame) -> str:
 def run_aggregate(args: argparse.Namespace) -> int:
     try:
         families = parse_families(args.families)
-        written = aggregate(args.runs_dir, args.bench_dir, args.reference, args.out, families)
+        written = aggregate(args.runs_dir, args.bench_dir, args.reference, args.out, families, args.records)
     except ValueError as exc:
         print(f"aggregate: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +198,13 @@ def add_cli(subparsers) -> None:
         default=None,
         help="comma-separated fine-tuning families to write tables/figures for "
         f"({','.join(FINETUNE_FAMILIES)}); default: those present in the records",
+    )
+    p.add_argument(
+        "--records",
+        nargs="*",
+        default=None,
+        help="read exactly these record files (the runs of the config); other records below "
+        "--runs-dir are reported as stale. Default: every record below --runs-dir",
     )
     p.set_defaults(func=run_aggregate)
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -73,6 +74,12 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace.
 
@@ -84,6 +91,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            # mkstemp creates the file 0600; give it the mode any new file of this process gets
+            # (0666 less the umask), so that a shared group can read records and tables.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -138,23 +148,107 @@ def new_record(run_id: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    records = []
-    for p in paths:
-        with open(p) as fh:
-            rec = json.load(fh)
-        rec.setdefault("_path", str(p))
-        records.append(rec)
-    return records
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message is one line naming the file."""
+
+
+def rerun_command(path: str | os.PathLike) -> str:
+    """The command that writes the record at ``path`` again (from the workflow's folder)."""
+    return f"snakemake --cores all --force {shlex.quote(str(path))}"
+
+
+def record_stem(record: dict[str, Any]) -> str | None:
+    """Where a record belongs below the runs folder (without ``.json``), from its kind and spec;
+    None where the kind has no fixed place."""
+    kind, spec = record.get("kind"), record.get("spec")
+    if not isinstance(spec, dict):
+        return None
+    if kind == "finetune":
+        keys = ("experiment", "task", "model", "method", "seed")
+        if all(k in spec for k in keys):
+            return "{experiment}/{task}/{model}/{method}/seed{seed}".format(**spec)
+    elif kind in ("recursive", "early_exit"):
+        run = spec.get("run")
+        if isinstance(run, dict) and "model" in run and "name" in run:
+            return f"{kind}/{run['model']}--{run['name']}"
+    elif kind == "serving":
+        return "serving/serving"
+    return None
+
+
+def read_record(path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One record, checked: readable strict JSON, an object, a known ``schema_version``, the
+    required fields and (given ``runs_dir``) a spec that belongs at this path. Raises RecordError
+    naming the file (and, for a damaged record, the command that reruns it)."""
+    path = str(path)
+    rerun = f"rerun it: {rerun_command(path)}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(f"{path}: record not found; {rerun}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: cannot read the record ({exc}); {rerun}") from None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "empty" if not text.strip() else f"truncated or corrupt JSON ({exc.msg}, line {exc.lineno})"
+        raise RecordError(f"{path}: {what}; {rerun}") from None
+    if not isinstance(rec, dict):
+        raise RecordError(
+            f"{path}: a record is a JSON object, this file holds a {type(rec).__name__}; {rerun}"
+        )
+    version = rec.get("schema_version")
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        known = ", ".join(map(str, KNOWN_SCHEMA_VERSIONS))
+        raise RecordError(f"{path}: unknown schema_version {version!r} (this suite reads {known}); {rerun}")
+    missing = [k for k in ("run_id", "kind", "spec", "status") if k not in rec]
+    if missing:
+        raise RecordError(f"{path}: record lacks field {missing[0]!r}; {rerun}")
+    if runs_dir is not None:
+        stem = record_stem(rec)
+        try:
+            here = Path(path).resolve().relative_to(Path(runs_dir).resolve()).with_suffix("").as_posix()
+        except ValueError:
+            here = None
+        run_id = rec["run_id"]
+        if stem is None or here != stem or stem not in (run_id, f"{rec['kind']}/{run_id}"):
+            where = f"{Path(runs_dir) / stem}.json" if stem else "no known place"
+            raise RecordError(
+                f"{path}: its spec (kind {rec['kind']!r}, run {rec['run_id']!r}) belongs at {where}, "
+                "not here (a copied or moved record?)"
+            )
+    rec["_path"] = path
+    return rec
+
+
+def load_records(
+    paths: Iterable[str | os.PathLike], runs_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """The records at ``paths``, each checked by read_record (RecordError naming the file)."""
+    return [read_record(p, runs_dir) for p in paths]
 
 
 def find_records(root: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records below ``root`` (optionally of one kind), sorted by run_id."""
+    """All records below ``root`` (optionally of one kind), sorted by run_id; each must belong at
+    its path (read_record)."""
     paths = sorted(Path(root).rglob("*.json")) if Path(root).exists() else []
-    recs = [r for r in load_records(paths) if isinstance(r, dict) and "run_id" in r]
+    recs = load_records(paths, root)
     if kind is not None:
         recs = [r for r in recs if r.get("kind") == kind]
     return sorted(recs, key=lambda r: r["run_id"])
+
+
+def stale_records(runs_dir: str | os.PathLike, expected: Iterable[str | os.PathLike]) -> list[Path]:
+    """Record files below ``runs_dir`` that are not among ``expected`` (the record paths of the
+    runs in the config): records of runs no longer configured, or stray copies. Sorted."""
+    root = Path(runs_dir)
+    if not root.exists():
+        return []
+    keep = {Path(p).resolve() for p in expected}
+    return sorted(p for p in root.rglob("*.json") if p.is_file() and p.resolve() not in keep)
 
 
 def git_revision() -> str | None:

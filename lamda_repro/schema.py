@@ -22,6 +22,55 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message is one line: '<key path>: <problem>'."""
 
 
+# Every name in a config (experiments, models, tasks, methods, data sets, recursive models, runs
+# and budgets) becomes part of file paths and job commands, so it is kept to a safe alphabet. The
+# schemas' ``$defs/name`` holds the same pattern (a test keeps them equal).
+NAME_PATTERN = r"^(?!.*\n)(?!\.{1,2}$)(?!-)[A-Za-z0-9_.-]{1,64}$"
+NAME_RULE = "names use 1-64 letters, digits, '_', '-' or '.', do not start with '-', and are not '.' or '..'"
+
+
+# -- YAML without silent overrides -----------------------------------------------------------
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping names the same key twice (plain YAML keeps the last one silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (merge keys ``<<`` may still
+    be overridden, as YAML intends)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    break
+                if first != line:
+                    raise DuplicateKeyError(
+                        problem=f"line {line}: duplicate key {key!r} (first given on line {first})"
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like yaml.safe_load, but refuse duplicate keys (DuplicateKeyError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line describing a YAML error (the duplicate key, or the parser's first line)."""
+    if isinstance(exc, DuplicateKeyError):
+        return exc.problem
+    return str(exc).splitlines()[0]
+
+
 # -- schema checking with readable errors ---------------------------------------------------
 
 
@@ -37,6 +86,8 @@ def _format_path(where: str, path) -> str:
 
 def _describe(error) -> str:
     v, inst, val = error.validator, error.instance, error.validator_value
+    if v == "pattern" and val == NAME_PATTERN:
+        return f"name {inst!r} is not allowed ({NAME_RULE})"
     if v == "additionalProperties" and isinstance(inst, dict):
         allowed = set(error.schema.get("properties", {}))
         extra = sorted(k for k in inst if k not in allowed)
@@ -66,7 +117,7 @@ def _registry():
 
     def retrieve(uri: str):
         path = SCHEMA_DIR / uri.split("/")[-1]
-        return Resource.from_contents(yaml.safe_load(path.read_text()))
+        return Resource.from_contents(load_yaml(path.read_text()))
 
     return Registry(retrieve=retrieve)
 
@@ -92,4 +143,4 @@ def check_against_schema(data: Any, schema: dict, where: str = "") -> None:
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return load_yaml(SCHEMA_PATH.read_text())

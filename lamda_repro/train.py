@@ -61,6 +61,12 @@ def _total_steps(n_train: int, tr: dict[str, Any]) -> int:
     return max(1, math.ceil(updates_per_epoch * tr["epochs"]))
 
 
+def _warmup_steps(ratio: float, total_steps: int) -> float | int:
+    """TrainingArguments.warmup_steps for a warmup ratio: a value below 1 is read as a ratio of
+    the run, a value of 1 or more as a step count, so the whole run (ratio 1) is its step count."""
+    return float(ratio) if ratio < 1 else total_steps
+
+
 def _make_trainer_class():
     import torch
     from transformers import Trainer
@@ -127,6 +133,10 @@ def _run(
     measure.set_threads(threads)
     device = resolve_device(device)
     tr = spec.training
+    if device == "cpu" and tr.get("precision") == "fp16":  # no fp16 training on CPU: never a silent fp32
+        raise ValueError(
+            "training.precision: fp16 needs a CUDA device, this run's device is cpu (use fp32 or bf16)"
+        )
     set_seed(spec.seed)
 
     task = task_for_spec(spec, workdir)
@@ -167,7 +177,7 @@ def _run(
         gradient_accumulation_steps=tr["grad_accum"],
         learning_rate=tr["lr"],
         weight_decay=tr["weight_decay"],
-        warmup_steps=float(tr["warmup_ratio"]) if tr["warmup_ratio"] < 1 else 0,
+        warmup_steps=_warmup_steps(tr["warmup_ratio"], total_steps),
         lr_scheduler_type=tr["lr_scheduler"],
         max_grad_norm=tr["max_grad_norm"],
         logging_steps=tr["logging_steps"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -52,6 +53,7 @@ MALFORMED = [
     ("data.sentiment.generator", "nosuch", "data.sentiment.generator", "unknown generator 'nosuch'"),
     ("data.sentiment.n_train", 0, "data.sentiment.n_train", "must be >= 1"),
     ("methods.full_ft.training.lr", "fast", "methods.full_ft.training.lr", "expected number"),
+    ("experiments.nlu.models", ["../x"], "experiments.nlu.models[0]", "name '../x' is not allowed"),
 ]
 
 
@@ -129,3 +131,127 @@ def test_recursive_section_is_checked_with_the_rest(repo_root):
     cfg["recursive"]["runs"][0]["model"] = "nope"
     with pytest.raises(ConfigError, match=r"^recursive\.runs\.full\.model: unknown model 'nope'"):
         validate_config(cfg)
+
+
+# Names become parts of file paths and job commands: anything outside the safe alphabet is
+# refused, in every section that names things, with one line naming the section.
+HOSTILE_NAMES = ["x;touch PWNED", "$(touch PWNED)", "it's", 'q"uote', "a b", "a/b", "..", ".", "-rf"]
+HOSTILE_NAMES += ["a\nb", "ok\n", "n" * 65]
+NAME_SITES = {  # where a name is defined -> the key path the error names
+    "methods": "methods",
+    "experiments": "experiments",
+    "tasks": "tasks",
+    "models": "models",
+    "data": "data",
+    "recursive.models": "recursive.models",
+    "recursive.budgets": "recursive.budgets",
+}
+
+
+def _rename_key(node: dict, old: str | None, new: str) -> None:
+    old = old or next(iter(node))
+    node[new] = node.pop(old)
+
+
+# Every hostile name once (at rotating sites) and every site once more with a command substitution.
+_CASES = [(n, sorted(NAME_SITES)[i % len(NAME_SITES)]) for i, n in enumerate(HOSTILE_NAMES)]
+_CASES += [("$(touch PWNED)", site) for site in sorted(NAME_SITES) if ("$(touch PWNED)", site) not in _CASES]
+
+
+@pytest.mark.parametrize("name,site", _CASES, ids=[f"{s}={n!r}" for n, s in _CASES])
+def test_unsafe_names_are_refused_with_one_line(repo_root, site, name):
+    cfg = default_config(repo_root)
+    node = cfg
+    for part in site.split("."):
+        node = node.setdefault(part, {})
+    if not node:
+        node["x"] = {"steps": 1}
+    _rename_key(node, None, name)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(NAME_SITES[site] + ": name "), msg
+    assert "is not allowed" in msg
+
+
+def test_unsafe_serving_run_ids_are_refused(repo_root):
+    cfg = default_config(repo_root)
+    cfg["recursive"]["serving"]["vanilla"] = "$(touch PWNED)"
+    expected = r"^recursive\.serving\.vanilla: name '\$\(touch PWNED\)' is not allowed"
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("key", ["name", "teacher", "budget", "model"])
+def test_unsafe_recursive_run_fields_are_refused(repo_root, key):
+    cfg = default_config(repo_root)
+    cfg["recursive"]["runs"][0][key] = "../../x"
+    expected = rf"^recursive\.runs\[0\]\.{key}: name '\.\./\.\./x' is not allowed"
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["a", "gpt2-medium", "v1.2", "A" * 64, "x..y"])
+def test_ordinary_names_pass(repo_root, name):
+    cfg = default_config(repo_root)
+    cfg["methods"][name] = cfg["methods"].pop("full_ft")
+    exp = cfg["experiments"]["nlu"]
+    exp["methods"] = [name if m == "full_ft" else m for m in exp["methods"]]
+    validate_config(cfg)
+
+
+def test_schemas_hold_the_library_name_pattern():
+    from lamda_repro.schema import NAME_PATTERN, SCHEMA_DIR
+
+    for f in ("config.schema.yaml", "recursive.schema.yaml"):
+        assert yaml.safe_load((SCHEMA_DIR / f).read_text())["$defs"]["name"]["pattern"] == NAME_PATTERN
+
+
+# -- silent misreadings --------------------------------------------------------------------
+
+
+def test_duplicate_yaml_keys_are_refused_naming_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ntraining:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 5.0e-3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value) == f"{p}: line 5: duplicate key 'lr' (first given on line 3)"
+    p.write_text("name: x\nname: y\n")
+    with pytest.raises(ConfigError, match="line 2: duplicate key 'name'"):
+        load_config(p)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base: &b {lr: 1.0, epochs: 2}\ntraining:\n  <<: *b\n  lr: 3.0\n")
+    assert load_config(p)["training"] == {"lr": 3.0, "epochs": 2}
+
+
+def test_duplicate_keys_in_the_reference_file_are_refused(tmp_path, repo_root):
+    from lamda_repro.claims import ReferenceFileError, load_reference
+
+    p = tmp_path / "papers.yaml"
+    p.write_text((repo_root / "results" / "reference" / "papers.yaml").read_text() + "\nschema_version: 1\n")
+    with pytest.raises(ReferenceFileError, match=r"papers\.yaml: line \d+: duplicate key 'schema_version'"):
+        load_reference(p)
+
+
+@pytest.mark.parametrize(
+    "key,where",
+    [
+        ("training", "training.precision"),
+        ("experiments.nlu.training", "experiments.nlu.training.precision"),
+        ("methods.full_ft.training", "methods.full_ft.training.precision"),
+    ],
+)
+def test_fp16_on_a_cpu_config_is_refused(repo_root, key, where):
+    cfg = default_config(repo_root)
+    assert cfg["device"] == "cpu"
+    node = cfg
+    for part in key.split("."):
+        node = node.setdefault(part, {})
+    node["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: fp16 needs a CUDA device \(device: cpu\)"):
+        validate_config(cfg)
+    cfg["device"] = "cuda"
+    validate_config(cfg)

@@ -99,6 +99,14 @@ def test_uptraining_lowers_the_loss_and_is_deterministic():
     assert layers[0].mlp.up_proj.base_layer.weight is layers[2].mlp.up_proj.base_layer.weight
 
 
+def test_stats_record_the_precision_used():
+    """bf16 autocast exists on CUDA only: on a CPU the run trains in fp32 and says so."""
+    model = tiny_causal_lm("llama", vocab_size=32)
+    cfg = UptrainConfig(steps=1, batch_size=4, seq_len=12, precision="bf16")
+    stats = train_causal_lm(model, _batches(), cfg)
+    assert stats["precision"] == ("bf16" if next(model.parameters()).is_cuda else "fp32")
+
+
 def test_distillation_runs_and_needs_a_teacher():
     _, stats = _run(0.5, steps=5)
     assert stats["final_loss"] > 0

@@ -67,11 +67,27 @@ def test_write_record_rejects_bad_status(tmp_path):
         results.write_record(tmp_path / "r.json", rec)
 
 
+def _spec(kind, i):
+    if kind == "finetune":
+        return f"e/t/m/x{i}/seed0", {
+            "experiment": "e",
+            "task": "t",
+            "model": "m",
+            "method": f"x{i}",
+            "seed": 0,
+        }
+    return f"tiny--r{i}", {"run": {"model": "tiny", "name": f"r{i}"}}
+
+
 def test_find_records_filters_by_kind(tmp_path):
     for i, kind in enumerate(["finetune", "recursive", "finetune"]):
-        rec = results.new_record(f"r{i}", kind, {})
+        rid, spec = _spec(kind, i)
+        rec = results.new_record(rid, kind, spec)
         rec["status"] = "success"
-        results.write_record(tmp_path / f"sub{i}" / "r.json", rec)
-    assert [r["run_id"] for r in results.find_records(tmp_path, "finetune")] == ["r0", "r2"]
+        results.write_record(tmp_path / f"{results.record_stem(rec)}.json", rec)
+    assert [r["run_id"] for r in results.find_records(tmp_path, "finetune")] == [
+        "e/t/m/x0/seed0",
+        "e/t/m/x2/seed0",
+    ]
     assert len(results.find_records(tmp_path)) == 3
     assert math.isclose(len(results.find_records(tmp_path / "missing")), 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lamda_repro.tasks import metrics
-from lamda_repro.tasks.base import TaskConfigError, get_task_class, task_types
+from lamda_repro.tasks.base import DataFileError, TaskConfigError, get_task_class, task_types
 from lamda_repro.tasks.generation import (
     CausalLMCollator,
     e2e_references_by_mr,
@@ -148,7 +148,7 @@ def test_loader_refuses_data_without_the_schema_columns(tmp_path):
         tmp_path,
         {"train": GSM_ROWS, "validation": GSM_ROWS},
     )
-    with pytest.raises(TaskConfigError, match="summary"):
+    with pytest.raises(DataFileError, match=r"train\.jsonl: row 1: missing column 'document'"):
         get_task_class("xsum")("t", {}, files).load_splits()
 
 

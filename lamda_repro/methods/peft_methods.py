@@ -50,6 +50,43 @@ def lora_config_kwargs(params: dict[str, Any], ctx: MethodContext) -> dict[str, 
     return kw
 
 
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a linear layer (nn.Linear or transformers' Conv1D); None for others."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    return None
+
+
+def check_ranks_fit(model: nn.Module, config) -> None:
+    """Refuse, in one line and before any adapter is built, a rank (``r``, a ``rank_pattern``
+    entry, AdaLoRA's ``init_r``) above min(d_in, d_out) of a module it would adapt: such a
+    rank adds parameters without adding expressiveness."""
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    pattern = getattr(config, "rank_pattern", None) or {}
+    # AdaLoRA starts every module at init_r (its config's r is unused); the others use r.
+    init_r = getattr(config, "init_r", None)
+    base_r, base_key = (init_r, "init_r") if init_r is not None else (config.r, "r")
+    for name, module in model.named_modules():
+        shape = _in_out(module)
+        if shape is None or not check_target_module_exists(config, name):
+            continue
+        key = get_pattern_key(pattern.keys(), name) if pattern else None  # the name itself: no match
+        r, what = (pattern[key], f"rank_pattern.{key}") if key in pattern else (base_r, base_key)
+        if r > min(shape):
+            raise MethodConfigError(
+                f"{what}: rank {r} exceeds min(d_in, d_out) = {min(shape)} of module {name} "
+                f"({shape[1]}x{shape[0]}); use r <= {min(shape)}"
+            )
+
+
 @register_method
 class LoraMethod(Method):
     """LoRA (Hu et al., 2022): W x + (alpha / r) B A x with A, B trainable, W frozen."""
@@ -66,7 +103,9 @@ class LoraMethod(Method):
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(ctx))
+        config = self.peft_config(ctx)
+        check_ranks_fit(model, config)
+        return get_peft_model(model, config)
 
 
 # -- further LoRA-family baselines -------------------------------------------------------------
@@ -272,7 +311,9 @@ class AdaLoraMethod(Method):
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(ctx))
+        config = self.peft_config(ctx)
+        check_ranks_fit(model, config)
+        return get_peft_model(model, config)
 
     def callbacks(self, model: nn.Module, ctx: MethodContext) -> list:
         return [AdaLoraAllocationCallback(model)]

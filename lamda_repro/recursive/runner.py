@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from lamda_repro.recursive import corpus as corpus_mod
@@ -63,7 +62,7 @@ from lamda_repro.recursive.spec import RecursionSpec
 from lamda_repro.recursive.spectral import RelaxationError, budget_level, check_uniform_rank, units_of
 from lamda_repro.recursive.tiny import tiny_config
 from lamda_repro.recursive.uptrain import UptrainConfig, train_causal_lm
-from lamda_repro.schema import check_against_schema
+from lamda_repro.schema import check_against_schema, load_yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "recursive.schema.yaml"
 
@@ -119,7 +118,7 @@ class RecursiveRunError(ValueError):
 def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
     """Validate the ``recursive:`` section against its schema and fill in defaults."""
     section = copy.deepcopy(section or {})
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = load_yaml(SCHEMA_PATH.read_text())
     check_against_schema(section, schema, "recursive")
     out = copy.deepcopy(DEFAULTS)
     for key, value in section.items():
@@ -127,6 +126,13 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
             out[key] = {**out[key], **value}
         else:
             out[key] = value
+    for split, path in (out["corpus"].get("data_files") or {}).items():
+        if out["corpus"].get("kind") == "files" and not Path(path).expanduser().is_file():
+            raise RecursiveRunError(f"recursive.corpus.data_files.{split}: data file not found: {path}")
+    for name, entry in out["models"].items():
+        path = entry.get("path", "")
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            raise RecursiveRunError(f"recursive.models.{name}.path: model folder not found: {path}")
     names = [run_id(run) for run in out["runs"]]
     for run in out["runs"]:
         if run["model"] not in out["models"]:

@@ -101,11 +101,10 @@ def train_causal_lm(
         lr=cfg.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.precision == "bf16" and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    # bf16 autocast runs on CUDA only; elsewhere the run trains in fp32 and its stats say so.
+    precision = "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"
+    bf16 = precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -146,6 +145,7 @@ def train_causal_lm(
     tail = losses[-max(1, len(losses) // 10) :] if losses else []
     return {
         "steps": cfg.steps,
+        "precision": precision,
         "tokens": tokens,
         "train_time_s": elapsed,
         "train_tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else None,

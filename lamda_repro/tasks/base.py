@@ -26,6 +26,10 @@ class TaskConfigError(ConfigError):
     """A task entry in the config is invalid."""
 
 
+class DataFileError(ValueError):
+    """A local data file cannot be used; the message is one line: '<file>: <problem>'."""
+
+
 class Task:
     """Base class of a task family member. Subclasses set the class attributes below."""
 
@@ -71,6 +75,14 @@ class Task:
         raise NotImplementedError
 
     # -- data ------------------------------------------------------------------------------
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns every row of a local data file must have (checked before training)."""
+        return ()
+
+    def label_classes(self) -> int | None:
+        """Number of classes of the ``label`` column (values 0..n-1); None = not checked."""
+        return None
+
     def load_splits(self):
         """Return a datasets.DatasetDict with "train" and "eval" splits (raw columns)."""
         raise NotImplementedError
@@ -154,12 +166,9 @@ def load_raw_splits(
             raise FileNotFoundError(f"task {task.name!r}: no local file for split(s) {missing}")
         files = {s: task.data_files[s] for s in splits.values()}
         for f in files.values():
-            if not Path(f).exists():
-                raise FileNotFoundError(f"task {task.name!r}: data file not found: {f}")
+            check_data_file(f, task.required_columns(), task.label_classes())
         ext = Path(next(iter(files.values()))).suffix.lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise ValueError(f"task {task.name!r}: unsupported data file type .{ext}")
+        builder = _BUILDERS.get(ext)
         raw = datasets.load_dataset(builder, data_files=files)
     else:
         raw = datasets.load_dataset(hub_path, hub_name, revision=revision)
@@ -175,3 +184,86 @@ def load_raw_splits(
             ds = ds.select(range(limit))
         out[ours] = ds
     return out
+
+
+_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def _rows(path: Path, ext: str):
+    """(row number, row) of a local data file; DataFileError for what cannot be read."""
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001  (pyarrow raises several types for a bad file)
+            raise DataFileError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield i, row
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(
+            f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    if ext == "csv":
+        import csv
+        import io
+
+        yield from enumerate(csv.DictReader(io.StringIO(text)), 2)
+        return
+    import json
+
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        yield from enumerate(rows, 1)
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
+
+
+def check_data_file(path: str | Path, columns: tuple[str, ...] = (), label_classes: int | None = None) -> int:
+    """Check a local data file before training: it exists, has a supported type, is UTF-8 (text
+    formats), holds at least one row, every row has ``columns``, and (given ``label_classes``) every
+    ``label`` is an integer in 0..label_classes-1. Returns the number of rows; raises DataFileError
+    naming the file and the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: data file not found")
+    ext = path.suffix.lstrip(".")
+    if ext not in _BUILDERS:
+        raise DataFileError(f"{path}: unsupported data file type .{ext} (use {', '.join(sorted(_BUILDERS))})")
+    n = 0
+    for where, row in _rows(path, ext):
+        n += 1
+        if not isinstance(row, dict):
+            raise DataFileError(
+                f"{path}: row {where}: expected an object of columns, got {type(row).__name__}"
+            )
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataFileError(f"{path}: row {where}: missing column {missing[0]!r} (has: {', '.join(row)})")
+        if label_classes is not None:
+            label = row.get("label")
+            try:
+                value = int(label)
+                ok = value == float(label) and 0 <= value < label_classes
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                expected = f"expected an integer 0..{label_classes - 1}"
+                raise DataFileError(f"{path}: row {where}: label {label!r} out of range ({expected})")
+    if n == 0:
+        raise DataFileError(f"{path}: empty (no rows)")
+    return n

@@ -229,6 +229,9 @@ class E2ENLGTask(CausalLMTask):
     def primary_metric(self) -> str:
         return "bleu"
 
+    def required_columns(self) -> tuple[str, ...]:
+        return ("meaning_representation",)
+
     def load_splits(self):
         hub_id = self.params.get("hub_id", E2E_HUB_ID)
         revision = self.params.get("hub_revision", PARQUET_EXPORT)
@@ -323,6 +326,9 @@ class WikiTextTask(CausalLMTask):
     @property
     def primary_metric(self) -> str:
         return "perplexity"
+
+    def required_columns(self) -> tuple[str, ...]:
+        return ("text",)
 
     def load_splits(self):
         hub_id = self.params.get("hub_id", WIKITEXT_HUB_ID)

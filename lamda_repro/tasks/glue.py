@@ -72,6 +72,12 @@ class GlueTask(Task):
     def primary_metric(self) -> str:
         return self.info["metrics"][0]
 
+    def required_columns(self) -> tuple[str, ...]:
+        return (*(c for c in self.info["text"] if c), "label")
+
+    def label_classes(self) -> int | None:
+        return None if self.is_regression else self.num_labels
+
     def load_splits(self):
         if self.subset == "mnli":
             splits = {

@@ -38,6 +38,9 @@ class GSM8KTask(CausalLMTask):
     def primary_metric(self) -> str:
         return "exact_match"
 
+    def required_columns(self) -> tuple[str, ...]:
+        return ("question", "answer")
+
     def load_splits(self):
         eval_split = resolve_eval_split(self, "test")
         splits = load_raw_splits(

@@ -66,6 +66,9 @@ class SummarizationTask(Task):
     def primary_metric(self) -> str:
         return "rouge2"
 
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.source_column, self.target_column)
+
     def load_splits(self):
         eval_split = resolve_eval_split(self, "validation")
         splits = load_raw_splits(

@@ -10,10 +10,11 @@ BENCH_FLAGS = {
     "full_layers": "--full-layers", "steps": "--steps", "warmup": "--warmup", "run_steps": "--run-steps",
     "freeze_fraction": "--freeze-fraction", "device": "--device", "threads": "--threads", "seed": "--seed",
 }
-BENCH_ARGS = " ".join(
-    [f"{flag} {BENCH[key]}" for key, flag in BENCH_FLAGS.items() if key in BENCH]
-    + ([] if "device" in BENCH else [f"--device {CFG['device']}"])
-    + (["--methods " + " ".join(BENCH["methods"])] if "methods" in BENCH else [])
+# One argument per item, each quoted in the shell command ({params.args:q}).
+BENCH_ARGS = (
+    [str(a) for key, flag in BENCH_FLAGS.items() if key in BENCH for a in (flag, BENCH[key])]
+    + ([] if "device" in BENCH else ["--device", CFG["device"]])
+    + (["--methods", *map(str, BENCH["methods"])] if "methods" in BENCH else [])
 )
 if BENCH_ENABLED:
     EXTRA_TARGETS += list(BENCH_OUT.values())
@@ -32,8 +33,8 @@ rule bench:
         mem_mb=BENCH.get("mem_mb", 16000),
         runtime=BENCH.get("runtime_min", 60),
     log:
-        "logs/bench/lamda_bench.log",
+        LOGS + "/bench/lamda_bench.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.bench.cli bench-lamda --out {params.stem} {params.args} > {log} 2>&1"
+        "python -m lamda_repro.bench.cli bench-lamda --out {params.stem:q} {params.args:q} > {log:q} 2>&1"

@@ -7,10 +7,11 @@ from pathlib import Path
 from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
-from lamda_repro.config import ConfigError, expand_runs, record_path, validate_config
+from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
 try:
+    load_config(*workflow.configfiles)  # Snakemake's own YAML reading keeps duplicate keys' last value
     CFG = validate_config(config)
 except ConfigError as exc:
     sys.exit(f"config error: {exc}")
@@ -18,6 +19,7 @@ validate(config, "../schemas/config.schema.yaml")
 
 WORKDIR = CFG["workdir"]
 RESULTS = CFG["results_dir"]
+LOGS = CFG["logs_dir"]
 RUNS = {spec.run_id: spec for spec in expand_runs(CFG)}
 
 # Optional stages add their targets here.
@@ -76,7 +78,9 @@ def all_targets():
 
 
 # -- aggregation (report.smk) ----------------------------------------------------------------
-REFERENCE = f"{RESULTS}/reference/papers.yaml"
+# The papers' numbers are part of the repository: read from results/reference/ whatever the
+# config's results_dir (the paper config writes its outputs elsewhere).
+REFERENCE = "results/reference/papers.yaml"
 
 
 def report_outputs():

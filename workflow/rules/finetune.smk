@@ -9,11 +9,11 @@ rule prepare_data:
         entry=lambda w: json.dumps(CFG["data"][w.dataset], sort_keys=True),
         out_dir=lambda w: f"{WORKDIR}/data/{w.dataset}",
     log:
-        "logs/prepare_data/{dataset}.log",
+        LOGS + "/prepare_data/{dataset}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro prepare-data --entry {params.entry:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "lamda-repro prepare-data --entry {params.entry:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule build_model:
@@ -25,12 +25,12 @@ rule build_model:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
         workdir=lambda w, output: Path(output[0]).parents[2],
     log:
-        "logs/build_model/{model}.log",
+        LOGS + "/build_model/{model}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro build-model --name {wildcards.model} --entry {params.entry:q}"
-        " --workdir {params.workdir} --data-files {input} > {log} 2>&1"
+        "lamda-repro build-model --name {wildcards.model:q} --entry {params.entry:q}"
+        " --workdir {params.workdir:q} --data-files {input:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -45,9 +45,9 @@ rule finetune:
         workdir=WORKDIR,
     threads: max(1, CFG["threads"])
     log:
-        "logs/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
+        LOGS + "/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro run --spec {params.spec:q} --out {output} --workdir {params.workdir}"
-        " --device {params.device} --threads {threads} {params.offline} > {log} 2>&1"
+        "lamda-repro run --spec {params.spec:q} --out {output:q} --workdir {params.workdir:q}"
+        " --device {params.device:q} --threads {threads:q} {params.offline:q} > {log:q} 2>&1"

@@ -42,12 +42,12 @@ rule recursive_corpus:
         section=REC_JSON,
         workdir=lambda w, output: Path(output[0]).parents[2],
     log:
-        "logs/recursive/corpus.log",
+        LOGS + "/recursive/corpus.log",
     conda:
         "../../environment.yml"
     shell:
         "python -m lamda_repro.recursive.cli recursive-corpus --section-json {params.section:q}"
-        " --workdir {params.workdir} > {log} 2>&1"
+        " --workdir {params.workdir:q} > {log:q} 2>&1"
 
 
 rule recursive_pretrain:
@@ -62,13 +62,13 @@ rule recursive_pretrain:
         online="" if CFG.get("offline", True) else "--online",
     threads: max(1, CFG["threads"])
     log:
-        "logs/recursive/pretrain/{rec_model}.log",
+        LOGS + "/recursive/pretrain/{rec_model}.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online} recursive-pretrain --section-json {params.section:q}"
-        " --model {wildcards.rec_model} --workdir {params.workdir} --device {params.device}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m lamda_repro.recursive.cli {params.online:q} recursive-pretrain --section-json {params.section:q}"
+        " --model {wildcards.rec_model:q} --workdir {params.workdir:q} --device {params.device:q}"
+        " --threads {threads:q} > {log:q} 2>&1"
 
 
 def recursive_run_inputs(wildcards):
@@ -93,13 +93,13 @@ rule recursive_run:
         online="" if CFG.get("offline", True) else "--online",
     threads: max(1, CFG["threads"])
     log:
-        "logs/recursive/run/{rec_run}.log",
+        LOGS + "/recursive/run/{rec_run}.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online} recursive-run --section-json {params.section:q}"
-        " --run {wildcards.rec_run} --out {output} --workdir {params.workdir} --device {params.device}"
-        " --threads {threads} --keep-going > {log} 2>&1"
+        "python -m lamda_repro.recursive.cli {params.online:q} recursive-run --section-json {params.section:q}"
+        " --run {wildcards.rec_run:q} --out {output:q} --workdir {params.workdir:q} --device {params.device:q}"
+        " --threads {threads:q} --keep-going > {log:q} 2>&1"
 
 
 rule recursive_relax_error:
@@ -115,13 +115,13 @@ rule recursive_relax_error:
         online="" if CFG.get("offline", True) else "--online",
     threads: 1
     log:
-        "logs/recursive/relax_error/{rec_model}.log",
+        LOGS + "/recursive/relax_error/{rec_model}.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online} recursive-relax-error --section-json {params.section:q}"
-        " --model {wildcards.rec_model} --workdir {params.workdir} --threads {threads}"
-        " --out-stem {params.stem} > {log} 2>&1"
+        "python -m lamda_repro.recursive.cli {params.online:q} recursive-relax-error --section-json {params.section:q}"
+        " --model {wildcards.rec_model:q} --workdir {params.workdir:q} --threads {threads:q}"
+        " --out-stem {params.stem:q} > {log:q} 2>&1"
 
 
 rule recursive_table:
@@ -134,9 +134,9 @@ rule recursive_table:
     params:
         stem=lambda w, output: output.md[: -len(".md")],
     log:
-        "logs/recursive/table.log",
+        LOGS + "/recursive/table.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli recursive-table --records {input.records:q} --out-stem {params.stem}"
-        " --figure {output.figure} --reference {input.reference:q} > {log} 2>&1"
+        "python -m lamda_repro.recursive.cli recursive-table --records {input.records:q} --out-stem {params.stem:q}"
+        " --figure {output.figure:q} --reference {input.reference:q} > {log:q} 2>&1"

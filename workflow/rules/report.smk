@@ -1,4 +1,4 @@
-# Aggregation: every run record -> paper-style tables, figures and the claims ledger, all of
+# Aggregation: the records of the runs in the config -> paper-style tables, figures and the claims ledger, all of
 # which go into the Snakemake HTML report (`snakemake --report results/report.html`).
 rule aggregate:
     input:
@@ -11,16 +11,17 @@ rule aggregate:
         _reported(report_outputs()),
     params:
         families=",".join(families()),
-        runs_dir=lambda w, input: Path(input.reference).parents[1] / "runs",
-        bench_dir=lambda w, input: Path(input.reference).parents[1] / "bench",
-        out=lambda w, input: Path(input.reference).parents[1],
+        runs_dir=f"{RESULTS}/runs",
+        bench_dir=f"{RESULTS}/bench",
+        out=RESULTS,
     log:
-        "logs/aggregate.log",
+        LOGS + "/aggregate.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro aggregate --runs-dir {params.runs_dir} --bench-dir {params.bench_dir}"
-        " --reference {input.reference} --out {params.out} --families {params.families} > {log} 2>&1"
+        "lamda-repro aggregate --runs-dir {params.runs_dir:q} --bench-dir {params.bench_dir:q}"
+        " --reference {input.reference:q} --out {params.out:q} --families {params.families:q}"
+        " --records {input.records:q} {input.recursive:q} {input.serving:q} 2>&1 | tee {log:q}"
 
 
 # The report displays images, HTML and PDF and offers other files as downloads, so every Markdown
@@ -35,8 +36,8 @@ rule report_pages:
     output:
         _reported(REPORT_PAGES),
     log:
-        "logs/report_pages.log",
+        LOGS + "/report_pages.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro report-pages {input:q} > {log} 2>&1"
+        "lamda-repro report-pages {input:q} > {log:q} 2>&1"

@@ -37,13 +37,13 @@ rule recursive_early_exit:
         online=ONLINE_FLAG,
     threads: max(1, CFG["threads"])
     log:
-        "logs/recursive/early_exit/{ee_run}.log",
+        LOGS + "/recursive/early_exit/{ee_run}.log",
     conda:
         "../../environment.yml"
     shell:
         "python -m lamda_repro.recursive.cli {params.online:q} recursive-early-exit"
         " --section-json {params.section:q} --run {wildcards.ee_run:q} --source-record {input.record:q}"
-        " --out {output:q} --workdir {params.workdir:q} --device {params.device:q} --threads {threads}"
+        " --out {output:q} --workdir {params.workdir:q} --device {params.device:q} --threads {threads:q}"
         " --keep-going > {log:q} 2>&1"
 
 
@@ -64,11 +64,11 @@ rule recursive_serve:
         online=ONLINE_FLAG,
     threads: max(1, CFG["threads"])
     log:
-        "logs/recursive/serving.log",
+        LOGS + "/recursive/serving.log",
     conda:
         "../../environment.yml"
     shell:
         "python -m lamda_repro.recursive.cli {params.online:q} recursive-serve --section-json {params.section:q}"
         " --early-exit-records {input.early_exit:q} --vanilla-record {input.vanilla:q}"
         " --out {output.record:q} --table-stem {params.stem:q} --figure {output.figure:q} --reference {input.reference:q}"
-        " --workdir {params.workdir:q} --device {params.device:q} --threads {threads} --keep-going > {log:q} 2>&1"
+        " --workdir {params.workdir:q} --device {params.device:q} --threads {threads:q} --keep-going > {log:q} 2>&1"

@@ -21,7 +21,7 @@ import yaml
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "results/reference"]
+COPY = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "slurm", "results/reference"]
 
 
 def _env():

@@ -24,6 +24,8 @@ rule build_model:
     params:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
         workdir=lambda w, output: Path(output[0]).parents[2],
+    resources:
+        **job_resources(CFG, "build_model"),
     log:
         "logs/build_model/{model}.log",
     conda:
@@ -44,6 +46,8 @@ rule finetune:
         offline="" if CFG["offline"] else "--online",
         workdir=WORKDIR,
     threads: max(1, CFG["threads"])
+    resources:
+        **finetune_resources(),
     log:
         "logs/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
     conda:

@@ -67,9 +67,19 @@ def cmd_pretrain(args) -> int:
 def cmd_run(args) -> int:
     from lamda_repro.recursive.runner import execute_run
     from lamda_repro.results import write_record
+    from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
     _setup(args)
-    record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+    try:
+        record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(
+            f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}", file=sys.stderr
+        )
+        return TRANSIENT_EXIT
     write_record(args.out, record)
     if record["status"] != "success":
         print(f"run {args.run} failed: {record['error']}", file=sys.stderr)

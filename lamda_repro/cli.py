@@ -17,6 +17,7 @@ _PLUGIN_MODULES = (
     "lamda_repro.report_pages",
     "lamda_repro.bench.cli",
     "lamda_repro.recursive.cli",
+    "lamda_repro.status",
 )
 
 

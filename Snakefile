@@ -27,6 +27,7 @@ include: "workflow/rules/report.smk"
 # Light jobs run where Snakemake runs, never as cluster jobs (lamda_repro/cluster.py LOCAL_RULES).
 localrules:
     prepare_data,
+    build_model,
     recursive_corpus,
     recursive_table,
     aggregate,

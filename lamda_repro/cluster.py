@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 # The rules that run as cluster jobs, with their sizes per scale: (mem_mb, runtime in minutes).
-# GPU rules train or evaluate models; the others are CPU jobs (a tokenizer, a weight-error table).
+# GPU rules train or evaluate models; the others are CPU jobs (a weight-error table).
 JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
     "smoke": {
         "finetune": (4000, 30),
-        "build_model": (4000, 30),
         "recursive_pretrain": (4000, 60),
         "recursive_run": (4000, 60),
         "recursive_relax_error": (4000, 30),
@@ -30,7 +29,6 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
     },
     "paper": {
         "finetune": (64000, 720),
-        "build_model": (8000, 60),
         "recursive_pretrain": (64000, 1440),
         "recursive_run": (128000, 4320),
         "recursive_relax_error": (64000, 240),
@@ -42,11 +40,18 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
 GPU_RULES = frozenset(
     {"finetune", "recursive_pretrain", "recursive_run", "recursive_early_exit", "recursive_serve", "bench"}
 )
+# Training rules checkpoint and stop on SIGTERM (lamda_repro/resume.py). SLURM sends it to the
+# job's steps this many seconds before the time limit (sbatch --signal=TERM@<s>), so the run
+# writes a checkpoint and exits 75 in time, and the retry resumes from it.
+RESUMABLE_RULES = frozenset({"finetune", "recursive_pretrain", "recursive_run"})
+SIGNAL_BEFORE_LIMIT_S = {"smoke": 60, "paper": 600}
 # Rules light enough to run where Snakemake runs (no scheduler round trip): data generation,
-# the corpus, aggregation, tables, report pages.
+# the tiny models built from configs (a word-level tokenizer and random weights, seconds), the
+# corpus, aggregation, tables, report pages.
 LOCAL_RULES = (
     "all",
     "prepare_data",
+    "build_model",
     "recursive_corpus",
     "recursive_table",
     "aggregate",
@@ -60,6 +65,16 @@ SITE_KEYS = {
     "gpu_model": "gpu_model",
     "constraint": "constraint",
 }
+
+
+def launcher(training: dict[str, Any], device: str) -> list[str]:
+    """The command a fine-tuning run is started with before ``lamda-repro run``: torchrun with one
+    process per GPU of one node when ``training.gpus`` > 1 (the Trainer then trains with DDP, or
+    FSDP with ``training.distributed: fsdp``); nothing for one GPU or a CPU run."""
+    gpus = int(training.get("gpus", 1))
+    if gpus <= 1 or device == "cpu":
+        return []
+    return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python"]
 
 
 def job_resources(
@@ -96,6 +111,8 @@ def job_resources(
     else:
         res["gpu"] = 0
         res["cpus_per_task"] = int(own.get("cpus", cluster.get("cpus", max(1, cfg.get("threads", 1) or 1))))
+    if rule in RESUMABLE_RULES:
+        res["slurm_extra"] = f"--signal=TERM@{SIGNAL_BEFORE_LIMIT_S[scale]}"
     for key, resource in SITE_KEYS.items():
         value = own.get(key, cluster.get(key))
         if value not in (None, ""):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -257,6 +258,8 @@ def _run(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         dataloader_num_workers=0,
+        # several GPUs (torchrun, lamda_repro/cluster.py launcher): DDP, or FSDP when asked
+        fsdp="full_shard auto_wrap" if tr.get("distributed") == "fsdp" and tr.get("gpus", 1) > 1 else "",
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -322,11 +325,14 @@ def _run(
         record["unavailable_metrics"] = unavailable
     train_time = tokens.train_time_s or float(train_out.metrics.get("train_runtime", 0.0))
     train_time += resumed.get("train_time_s", 0.0)  # earlier attempts' training time
+    # with several GPUs (DDP), every process counts its own batches, of the same size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_tokens, samples = tokens.tokens * world, tokens.samples * world
     record["throughput"] = {
         "train_steps": int(trainer.state.global_step),
         "train_time_s": round(train_time, 3),
-        "train_samples_per_s": round(tokens.samples / train_time, 3) if train_time else None,
-        "train_tokens_per_s": round(tokens.tokens / train_time, 3) if train_time else None,
-        "train_tokens": tokens.tokens,
+        "train_samples_per_s": round(samples / train_time, 3) if train_time else None,
+        "train_tokens_per_s": round(n_tokens / train_time, 3) if train_time else None,
+        "train_tokens": n_tokens,
         "eval_time_s": round(eval_time, 3),
     }

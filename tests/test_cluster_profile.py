@@ -99,7 +99,13 @@ def test_gpu_override_and_cpu_switch_keep_memory_and_runtime():
 
 def test_job_resources_from_config():
     cfg = {"scale": "paper", "device": "cuda", "threads": 8}
-    assert job_resources(cfg, "finetune") == {"mem_mb": 64000, "runtime": 720, "gpu": 1, "cpus_per_gpu": 8}
+    assert job_resources(cfg, "finetune") == {
+        "mem_mb": 64000,
+        "runtime": 720,
+        "gpu": 1,
+        "cpus_per_gpu": 8,
+        "slurm_extra": "--signal=TERM@600",  # the run checkpoints before the time limit
+    }
     site = {"partition": "gpu", "account": "a", "qos": "q", "gpu_model": "h100", "gpus": 2}
     own = {"jobs": {"recursive_run": {"mem_mb": 1000, "runtime": 5, "partition": "long"}}}
     res = job_resources({**cfg, "cluster": {**site, **own}}, "recursive_run")
@@ -112,12 +118,19 @@ def test_job_resources_from_config():
         "slurm_account": "a",
         "qos": "q",
         "gpu_model": "h100",
+        "slurm_extra": "--signal=TERM@600",
     }
     assert job_resources(cfg, "finetune", gpus=4)["gpu"] == 4
     smoke = job_resources({"scale": "smoke", "device": "cpu", "threads": 1}, "finetune")
-    assert smoke == {"mem_mb": 4000, "runtime": 30, "gpu": 0, "cpus_per_task": 1}
+    assert smoke == {
+        "mem_mb": 4000,
+        "runtime": 30,
+        "gpu": 0,
+        "cpus_per_task": 1,
+        "slurm_extra": "--signal=TERM@60",
+    }
     # CPU-only rules never ask for a GPU
-    assert job_resources(cfg, "build_model")["gpu"] == 0
+    assert job_resources(cfg, "recursive_relax_error")["gpu"] == 0
 
 
 def test_light_rules_are_local():
@@ -125,3 +138,36 @@ def test_light_rules_are_local():
     declared = re.search(r"^localrules:\n((?:    \w+,\n)+)", text, re.M).group(1).split()
     assert sorted(r.rstrip(",") for r in declared) == sorted(r for r in LOCAL_RULES if r != "all")
     assert "localrule: True" in text.split("rule all:")[1]
+
+
+def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_path):
+    import yaml
+
+    from lamda_repro.cluster import launcher
+
+    assert launcher({"gpus": 4}, "cuda") == ["torchrun", "--standalone", "--nproc-per-node=4", "--no-python"]
+    assert launcher({"gpus": 4}, "cpu") == [] and launcher({}, "cuda") == []
+    cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cfg["experiments"]["gsm8k"]["training"] = {
+        **cfg["experiments"]["gsm8k"].get("training", {}),
+        "gpus": 4,
+        "distributed": "fsdp",
+    }
+    (tmp_path / "paper4.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _dry_run("-p", "--profile", "slurm", "--configfile", str(tmp_path / "paper4.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    jobs = [(rule, res) for rule, res in _jobs(text) if rule == "finetune"]
+    outputs = re.findall(r"rule finetune:\n    output: results/runs/(\w+)/", text)
+    assert len(outputs) == len(jobs) > 200
+    for (_, res), experiment in zip(jobs, outputs, strict=True):
+        assert res["gpu"] == ("4" if experiment == "gsm8k" else "1"), experiment
+        assert res["cpus_per_gpu"] == "8" and res["mem_mb"] == "64000"
+    commands = [c.strip() for c in re.findall(r"^Shell command:(.*lamda-repro run --spec .*)$", text, re.M)]
+    assert len(commands) == len(jobs)
+    gsm8k = [c for c in commands if '"experiment": "gsm8k"' in c]
+    assert gsm8k and all(
+        c.startswith("torchrun --standalone --nproc-per-node=4 --no-python lamda-repro run") for c in gsm8k
+    )
+    assert all(c.startswith("lamda-repro run") for c in commands if c not in gsm8k)
+    assert all('"distributed": "fsdp", ' in c and '"gpus": 4' in c for c in gsm8k)

@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
-from lamda_repro.cluster import job_resources
+from lamda_repro.cluster import job_resources, launcher
 from lamda_repro.config import ConfigError, expand_runs, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 

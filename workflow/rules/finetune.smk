@@ -24,8 +24,6 @@ rule build_model:
     params:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
         workdir=lambda w, output: Path(output[0]).parents[2],
-    resources:
-        **job_resources(CFG, "build_model"),
     log:
         "logs/build_model/{model}.log",
     conda:
@@ -45,6 +43,7 @@ rule finetune:
         device=CFG["device"],
         offline="" if CFG["offline"] else "--online",
         workdir=WORKDIR,
+        launcher=lambda w: launcher(run_spec(w).training, CFG["device"]),
     threads: max(1, CFG["threads"])
     resources:
         **finetune_resources(),
@@ -53,5 +52,5 @@ rule finetune:
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro run --spec {params.spec:q} --out {output} --workdir {params.workdir}"
+        "{params.launcher:q} lamda-repro run --spec {params.spec:q} --out {output} --workdir {params.workdir}"
         " --device {params.device} --threads {threads} {params.offline} > {log} 2>&1"

@@ -470,13 +470,20 @@ def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: to
         weight_decay=0.01,
         kd_weight=0.0,
     )
-    stats = train_causal_lm(
-        model,
-        train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
-        cfg,
-        seed=section["seed"],
-        desc=f"pretrain {name}",
-    )
+    # Resumable like uptraining (SIGTERM: checkpoint, then Preempted; the retry resumes).
+    ckpt_dir = Path(workdir) / "checkpoints" / "recursive-pretrain" / name
+    with SigtermFlag() as sigterm:
+        sigterm.training = True
+        stats = train_causal_lm(
+            model,
+            train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
+            cfg,
+            seed=section["seed"],
+            desc=f"pretrain {name}",
+            checkpointing=Checkpointing(
+                ckpt_dir, _spec_digest({"pretrain": p, "seed": section["seed"]}), sigterm
+            ),
+        )
     out = model_dir(workdir, name)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,5 +1,5 @@
 # lamda-repro workflow. Smoke reproduction (default config): `snakemake --cores all`.
-# Paper grid on a cluster: `snakemake --profile profiles/slurm --configfile config/paper.yaml`.
+# Paper grid on a cluster: `snakemake --profile slurm --configfile config/paper.yaml`.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +22,16 @@ include: "workflow/rules/recursive.smk"
 include: "workflow/rules/serving.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/report.smk"
+
+
+# Light jobs run where Snakemake runs, never as cluster jobs (lamda_repro/cluster.py LOCAL_RULES).
+localrules:
+    prepare_data,
+    build_model,
+    recursive_corpus,
+    recursive_table,
+    aggregate,
+    report_pages,
 
 
 rule all:

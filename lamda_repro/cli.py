@@ -17,6 +17,7 @@ _PLUGIN_MODULES = (
     "lamda_repro.report_pages",
     "lamda_repro.bench.cli",
     "lamda_repro.recursive.cli",
+    "lamda_repro.status",
 )
 
 
@@ -84,14 +85,27 @@ def cmd_run(args) -> int:
         spec = RunSpec.from_dict(json.loads(args.spec))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ConfigError(f"--spec: not a run spec ({str(exc).splitlines()[0]})") from None
-    rec = run_finetune(
-        spec,
-        args.out,
-        workdir=args.workdir,
-        device=args.device,
-        threads=args.threads,
-        offline=not args.online,
-    )
+    try:
+        rec = run_finetune(
+            spec,
+            args.out,
+            workdir=args.workdir,
+            device=args.device,
+            threads=args.threads,
+            offline=not args.online,
+        )
+    except Exception as exc:
+        from lamda_repro.resume import TRANSIENT_EXIT, is_transient
+
+        if not is_transient(exc):
+            raise
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(
+            f"run {spec.run_id} INTERRUPTED ({why});"
+            f" no record written, exit {TRANSIENT_EXIT}: a rerun resumes from the last complete checkpoint",
+            file=sys.stderr,
+        )
+        return TRANSIENT_EXIT
     if rec["status"] != "success":
         print(f"run {spec.run_id} FAILED: {rec['error']} (record: {args.out})", file=sys.stderr)
         return 1 if args.strict else 0

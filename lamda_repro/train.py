@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from lamda_repro.config import RunSpec
 from lamda_repro.models import set_offline
 from lamda_repro.results import new_record, utc_now, write_record
+from lamda_repro.resume import Preempted, SigtermFlag, is_transient, last_complete, rank_zero, write_marker
 from lamda_repro.tasks.metrics import Unavailable
 
 log = logging.getLogger("lamda_repro.train")
@@ -89,6 +91,47 @@ def _make_trainer_class():
     return SuiteTrainer
 
 
+def _make_checkpoint_callback(digest: str, updates, tokens, sigterm: SigtermFlag, resumed: dict[str, Any]):
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        """Writes each checkpoint's completeness marker (after the Trainer has written the rest),
+        with the suite's counters, and turns SIGTERM into a checkpoint and a stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if sigterm.received:
+                control.should_save = True
+                control.should_training_stop = True
+
+        trainer = None  # set once the trainer exists: its running loss sum goes into the marker
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            loss_sum = resumed.get("loss_sum", 0.0)
+            if self.trainer is not None:
+                loss_sum += self.trainer._total_loss_scalar + float(self.trainer._tr_loss.item())
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            elapsed = time.perf_counter() - tokens._t0 if tokens._t0 is not None else 0.0
+            write_marker(
+                ckpt,
+                {
+                    "step": int(state.global_step),
+                    "spec_digest": digest,
+                    "resumes": resumed.get("count", 0),
+                    "parameter_updates": updates.total,
+                    "update_steps": updates.steps,
+                    "tokens": tokens.tokens,
+                    "samples": tokens.samples,
+                    "train_time_s": resumed.get("train_time_s", 0.0) + elapsed,
+                    "loss_sum": loss_sum,
+                },
+            )
+            log.info("checkpoint at step %d complete: %s", state.global_step, ckpt)
+
+    return CheckpointCallback()
+
+
 def run_finetune(
     spec: RunSpec,
     out_path: str | Path,
@@ -98,19 +141,32 @@ def run_finetune(
     offline: bool = True,
     checkpoint_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one run; always writes a record (status success or failed)."""
+    """Train and evaluate one run and write its record (status success or failed).
+
+    A rerun resumes from the run's last complete checkpoint. Transient failures (preemption,
+    out of memory, I/O errors; ``lamda_repro.resume``) write no record and raise, so that the
+    scheduler retries the run; deterministic ones are kept in a ``failed`` record."""
     record = new_record(spec.run_id, "finetune", spec.to_dict())
     t_start = time.perf_counter()
     try:
-        _run(spec, record, workdir, device, threads, offline, checkpoint_dir)
+        with SigtermFlag() as sigterm:
+            _run(spec, record, workdir, device, threads, offline, checkpoint_dir, sigterm)
         record["status"] = "success"
     except Exception as exc:  # the record keeps the failure; the caller decides the exit code
+        if is_transient(exc):
+            log.error(
+                "run %s stopped by a transient failure (no record written; a rerun resumes):\n%s",
+                spec.run_id,
+                traceback.format_exc(),
+            )
+            raise
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
     record["wall_time_s"] = round(time.perf_counter() - t_start, 3)
     record["finished_at"] = utc_now()
-    write_record(out_path, record)
+    if rank_zero():
+        write_record(out_path, record)
     return record
 
 
@@ -122,6 +178,7 @@ def _run(
     threads: int,
     offline: bool,
     checkpoint_dir: str | None,
+    sigterm: SigtermFlag,
 ) -> None:
     set_offline(offline)
     from transformers import TrainingArguments, set_seed
@@ -166,8 +223,29 @@ def _run(
     updates = measure.UpdateCounter(method.updated_elements)
     tokens = measure.TokenCounter()
     precision = tr.get("precision", "fp32")
+    output_dir = checkpoint_dir or str(Path(workdir) / "checkpoints" / spec.run_id)
+    method_callbacks = method.callbacks(model, ctx)
+    resume = last_complete(output_dir, spec.digest(), drop_unusable=rank_zero())
+    resumed: dict[str, Any] = {"count": 0}
+    if resume is not None:
+        ckpt, marker = resume
+        resumed = {"count": int(marker.get("resumes", 0)) + 1, "from_step": int(marker["step"])}
+        resumed["train_time_s"] = float(marker.get("train_time_s", 0.0))
+        resumed["loss_sum"] = float(marker.get("loss_sum", 0.0))
+        updates.total, updates.steps = int(marker["parameter_updates"]), int(marker["update_steps"])
+        tokens.tokens, tokens.samples = int(marker["tokens"]), int(marker["samples"])
+        for cb in method_callbacks:  # e.g. LaMDA's freeze state at that step, before the optimizer
+            if hasattr(cb, "resume_at"):
+                cb.resume_at(model, int(marker["step"]))
+        log.info(
+            "resuming run %s from %s (step %d, resume %d)",
+            spec.run_id,
+            ckpt,
+            marker["step"],
+            resumed["count"],
+        )
     args = TrainingArguments(
-        output_dir=checkpoint_dir or str(Path(workdir) / "checkpoints" / spec.run_id),
+        output_dir=output_dir,
         seed=spec.seed,
         data_seed=spec.seed,
         num_train_epochs=tr["epochs"],
@@ -190,23 +268,37 @@ def _run(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         dataloader_num_workers=0,
+        # several GPUs (torchrun, lamda_repro/cluster.py launcher): DDP, or FSDP when asked
+        fsdp="full_shard auto_wrap" if tr.get("distributed") == "fsdp" and tr.get("gpus", 1) > 1 else "",
         remove_unused_columns=False,
         disable_tqdm=False,
     )
     optimizer = method.create_optimizer(model, tr["lr"], tr["weight_decay"], ctx)
     trainer_cls = _make_trainer_class()
+    checkpoint_cb = _make_checkpoint_callback(spec.digest(), updates, tokens, sigterm, resumed)
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=tokenized["train"],
         data_collator=collator,
         processing_class=tok,
-        callbacks=[updates, tokens, *method.callbacks(model, ctx)],
+        callbacks=[
+            updates,
+            tokens,
+            *method_callbacks,
+            checkpoint_cb,
+        ],
         optimizers=(optimizer, None) if optimizer is not None else (None, None),
     )
     trainer.token_counter = tokens
+    checkpoint_cb.trainer = trainer
+    sigterm.training = True
     with measure.PeakMemory(device) as peak:
-        train_out = trainer.train()
+        train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    sigterm.training = False
+    if sigterm.received:
+        raise Preempted(f"SIGTERM during training: checkpoint at step {trainer.state.global_step} written")
+    record["resume"] = {"resumed": resumed["count"], "from_step": resumed.get("from_step")}
     breakdown = measure.memory_breakdown(model, trainer.optimizer)
     breakdown["grad_bytes"] = grads
     breakdown["saved_for_backward_bytes"] = saved
@@ -217,7 +309,12 @@ def _run(
     record["method_info"] = method.record_info(model)
 
     t_eval = time.perf_counter()
-    metrics: dict[str, float] = {"train_loss": float(train_out.training_loss)}
+    train_loss = float(train_out.training_loss)
+    if resumed.get("from_step") is not None and trainer.state.global_step > 0:
+        # the Trainer averages over this attempt's steps; the run's mean covers all of them
+        steps_now = trainer.state.global_step - resumed["from_step"]
+        train_loss = (resumed["loss_sum"] + train_loss * steps_now) / trainer.state.global_step
+    metrics: dict[str, float] = {"train_loss": train_loss}
     unavailable: dict[str, str] = {}
     for split in tokenized:
         if not split.startswith("eval"):
@@ -237,11 +334,15 @@ def _run(
     if unavailable:
         record["unavailable_metrics"] = unavailable
     train_time = tokens.train_time_s or float(train_out.metrics.get("train_runtime", 0.0))
+    train_time += resumed.get("train_time_s", 0.0)  # earlier attempts' training time
+    # with several GPUs (DDP), every process counts its own batches, of the same size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_tokens, samples = tokens.tokens * world, tokens.samples * world
     record["throughput"] = {
         "train_steps": int(trainer.state.global_step),
         "train_time_s": round(train_time, 3),
-        "train_samples_per_s": round(tokens.samples / train_time, 3) if train_time else None,
-        "train_tokens_per_s": round(tokens.tokens / train_time, 3) if train_time else None,
-        "train_tokens": tokens.tokens,
+        "train_samples_per_s": round(samples / train_time, 3) if train_time else None,
+        "train_tokens_per_s": round(n_tokens / train_time, 3) if train_time else None,
+        "train_tokens": n_tokens,
         "eval_time_s": round(eval_time, 3),
     }

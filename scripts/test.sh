@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite, in three groups: fast unit tests, slower checks on real weights (slow), and
-# the smoke workflow end to end through Snakemake (workflow). All run offline on CPU.
+# The test suite, in four groups: fast unit tests, slower checks on real weights (slow), the
+# smoke workflow end to end through Snakemake (workflow), and a reduced workflow through a real
+# SLURM cluster on this machine (cluster). All run offline on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --browser || exit 1
@@ -16,7 +17,10 @@ group() {  # pytest exits 5 when a group has no tests: that is not a failure
   rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; fi
 }
-group "not slow and not workflow"
+group "not slow and not workflow and not cluster"
 group "slow"
 group "workflow"
+# The workflow through a real single-node SLURM cluster (scripts/local_slurm.sh installs and starts
+# it; the group is skipped with one line where SLURM cannot be installed).
+group "cluster" -rs
 exit $status

@@ -26,7 +26,9 @@ PAPER_CHECKPOINTS = {
 }
 
 
-WORKFLOW_FILES = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "results/reference"]
+WORKFLOW_FILES = [
+    *("Snakefile", "environment.yml", "workflow", "config", "profiles", "slurm", "results/reference"),
+]
 
 
 def _dry_run(*args):

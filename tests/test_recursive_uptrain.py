@@ -128,3 +128,78 @@ def test_distillation_runs_and_needs_a_teacher():
 def test_bad_uptrain_settings_raise(data, message):
     with pytest.raises(DistillConfigError, match=message):
         UptrainConfig.from_dict(data)
+
+
+def _student():
+    torch.manual_seed(0)
+    teacher = tiny_causal_lm(
+        "llama",
+        vocab_size=32,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+    )
+    return convert_to_recursive(teacher, num_loops=2, init="average", lora_rank=2)
+
+
+def _resumable(directory, batches=None, digest="d"):
+    from lamda_repro.recursive.uptrain import Checkpointing
+
+    cfg = UptrainConfig(steps=15, batch_size=4, seq_len=12, lr=1e-2, warmup_steps=2, checkpoint_every=5)
+    student = _student()
+    stats = train_causal_lm(
+        student, batches or _batches(), cfg, checkpointing=Checkpointing(directory, digest)
+    )
+    return student, stats
+
+
+def test_uptraining_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    import lamda_repro.recursive.uptrain as uptrain
+    from lamda_repro.resume import read_marker
+
+    reference, ref_stats = _resumable(tmp_path / "ref")
+    assert ref_stats["resumed"] == 0 and read_marker(tmp_path / "ref" / "checkpoint-10") is not None
+
+    save = uptrain._save_checkpoint
+
+    def save_then_die(ck, state, *args):
+        save(ck, state, *args)
+        if state["step"] == 10:
+            raise RuntimeError("process died after the checkpoint at step 10")
+
+    monkeypatch.setattr(uptrain, "_save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="died"):
+        _resumable(tmp_path / "run")
+    monkeypatch.setattr(uptrain, "_save_checkpoint", save)
+    (tmp_path / "run" / "checkpoint-12").mkdir()  # a checkpoint cut short: no marker, skipped
+    resumed, stats = _resumable(tmp_path / "run")
+    assert (stats["resumed"], stats["resumed_from_step"], stats["tokens"]) == (1, 10, ref_stats["tokens"])
+    assert stats["final_loss"] == ref_stats["final_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), reference.parameters(), strict=True))
+    # a checkpoint of another spec (same folder) is never resumed
+    _, other = _resumable(tmp_path / "run", digest="other")
+    assert other["resumed"] == 0
+
+
+def test_sigterm_during_uptraining_checkpoints_and_raises(tmp_path):
+    import os
+    import signal
+
+    from lamda_repro.recursive.uptrain import Checkpointing
+    from lamda_repro.resume import Preempted, SigtermFlag, read_marker
+
+    def batches():
+        for i, batch in enumerate(_batches()):
+            if i == 5:  # during step 6
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    cfg = UptrainConfig(
+        steps=15, batch_size=4, seq_len=12, lr=1e-2, warmup_steps=2
+    )  # no periodic checkpoints
+    with SigtermFlag() as flag, pytest.raises(Preempted, match="checkpoint at step 6"):
+        flag.training = True
+        train_causal_lm(_student(), batches(), cfg, checkpointing=Checkpointing(tmp_path, "d", flag))
+    assert read_marker(tmp_path / "checkpoint-6")["step"] == 6

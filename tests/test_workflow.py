@@ -21,7 +21,7 @@ import yaml
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "results/reference"]
+COPY = ["Snakefile", "environment.yml", "workflow", "config", "profiles", "slurm", "results/reference"]
 
 
 def _env():
@@ -137,7 +137,7 @@ def test_tests_reading_the_checkout_pass_after_a_smoke_run_left_its_outputs(smok
         "-p",
         "no:cacheprovider",
         "-m",
-        "not slow and not workflow",
+        "not slow and not workflow and not cluster",
         *files,
     ]
     proc = subprocess.run(cmd, cwd=smoke_run, env=_env(), capture_output=True, text=True, timeout=1800)

@@ -57,9 +57,19 @@ def cmd_corpus(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from lamda_repro.recursive.runner import pick_device, pretrain_model
+    from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
     _setup(args)
-    stats = pretrain_model(_section(args), args.model, Path(args.workdir), pick_device(args.device))
+    try:
+        stats = pretrain_model(_section(args), args.model, Path(args.workdir), pick_device(args.device))
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        print(
+            f"pretraining {args.model} INTERRUPTED ({type(exc).__name__}: {exc}); exit {TRANSIENT_EXIT}",
+            file=sys.stderr,
+        )
+        return TRANSIENT_EXIT
     print(json.dumps(stats))
     return 0
 
@@ -67,9 +77,19 @@ def cmd_pretrain(args) -> int:
 def cmd_run(args) -> int:
     from lamda_repro.recursive.runner import execute_run
     from lamda_repro.results import write_record
+    from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
     _setup(args)
-    record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+    try:
+        record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(
+            f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}", file=sys.stderr
+        )
+        return TRANSIENT_EXIT
     write_record(args.out, record)
     if record["status"] != "success":
         print(f"run {args.run} failed: {record['error']}", file=sys.stderr)

@@ -22,6 +22,7 @@ from a label.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 import traceback
@@ -61,7 +62,8 @@ from lamda_repro.recursive.relax import (
 from lamda_repro.recursive.spec import RecursionSpec
 from lamda_repro.recursive.spectral import RelaxationError, budget_level, check_uniform_rank, units_of
 from lamda_repro.recursive.tiny import tiny_config
-from lamda_repro.recursive.uptrain import UptrainConfig, train_causal_lm
+from lamda_repro.recursive.uptrain import Checkpointing, UptrainConfig, train_causal_lm
+from lamda_repro.resume import SigtermFlag, is_transient
 from lamda_repro.schema import check_against_schema, load_yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "recursive.schema.yaml"
@@ -475,13 +477,20 @@ def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: to
         weight_decay=0.01,
         kd_weight=0.0,
     )
-    stats = train_causal_lm(
-        model,
-        train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
-        cfg,
-        seed=section["seed"],
-        desc=f"pretrain {name}",
-    )
+    # Resumable like uptraining (SIGTERM: checkpoint, then Preempted; the retry resumes).
+    ckpt_dir = Path(workdir) / "checkpoints" / "recursive-pretrain" / name
+    with SigtermFlag() as sigterm:
+        sigterm.training = True
+        stats = train_causal_lm(
+            model,
+            train_batches(section, workdir, tokenizer, cfg.seq_len, cfg.batch_size),
+            cfg,
+            seed=section["seed"],
+            desc=f"pretrain {name}",
+            checkpointing=Checkpointing(
+                ckpt_dir, _spec_digest({"pretrain": p, "seed": section["seed"]}), sigterm
+            ),
+        )
     out = model_dir(workdir, name)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -605,9 +614,12 @@ def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = 
     record = new_record(rid, "recursive", spec)
     start = time.perf_counter()
     try:
-        _fill_record(record, section, run, up_cfg, workdir, pick_device(device))
+        with SigtermFlag() as sigterm:
+            _fill_record(record, section, run, up_cfg, workdir, pick_device(device), sigterm)
         record["status"] = "success"
     except Exception as exc:  # the record must say why a run failed
+        if is_transient(exc):  # no record: the scheduler retries, the rerun resumes
+            raise
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=8)
@@ -616,7 +628,11 @@ def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = 
     return record
 
 
-def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
+def _spec_digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _fill_record(record, section, run, up_cfg, workdir, device, sigterm=None) -> None:
     seed = section["seed"]
     ev = section["eval"]
     base, tokenizer = load_base(section, run["model"], workdir, device)
@@ -646,9 +662,19 @@ def _fill_record(record, section, run, up_cfg, workdir, device) -> None:
         if tid is not None:
             teacher = load_teacher(section, tid, workdir, device)
         batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
-        stats = train_causal_lm(model, batches, up_cfg, teacher=teacher, seed=seed, desc=run_id(run))
+        checkpointing = Checkpointing(
+            Path(workdir) / "checkpoints" / "recursive" / run_id(run), _spec_digest(record["spec"]), sigterm
+        )
+        if sigterm is not None:
+            sigterm.training = True
+        stats = train_causal_lm(
+            model, batches, up_cfg, teacher=teacher, seed=seed, desc=run_id(run), checkpointing=checkpointing
+        )
+        if sigterm is not None:
+            sigterm.training = False
         del teacher
         record["train"] = stats
+        record["resume"] = {"resumed": stats["resumed"], "from_step": stats["resumed_from_step"]}
         record["tokens_seen"] = stats["tokens"]
         record["throughput"]["train_tokens_per_s"] = stats["train_tokens_per_s"]
     del base

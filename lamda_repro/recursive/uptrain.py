@@ -8,10 +8,13 @@ loss = (1 - kd_weight) * LM + kd_weight * KD. Deterministic on CPU for a fixed s
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +22,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combined_loss, distillation_loss
+from lamda_repro.resume import Preempted, SigtermFlag, last_complete, write_marker
+
+log = logging.getLogger("lamda_repro.recursive.uptrain")
+
+
+@dataclass
+class Checkpointing:
+    """Where and when a training loop checkpoints (``UptrainConfig.checkpoint_every``), the spec
+    digest a checkpoint must carry to be resumed, and the SIGTERM flag polled after each step."""
+
+    directory: Path
+    digest: str
+    sigterm: SigtermFlag | None = None
+    keep: int = 2
 
 
 @dataclass
@@ -41,11 +58,14 @@ class UptrainConfig:
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD loss"})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast, CUDA only)"})
     log_every: int = field(default=10, metadata={"help": "steps between progress-bar updates"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "steps between resumable checkpoints (0 = only on SIGTERM)"}
+    )
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
+            if not isinstance(value, int) or value < (0 if name in ("steps", "checkpoint_every") else 1):
                 raise DistillConfigError(f"uptrain.{name} must be a positive integer, got {value!r}")
         if self.kd_loss not in KD_LOSSES:
             raise DistillConfigError(f"uptrain.kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
@@ -87,8 +107,14 @@ def train_causal_lm(
     teacher: nn.Module | None = None,
     seed: int = 0,
     desc: str = "uptrain",
+    checkpointing: Checkpointing | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics."""
+    """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics.
+
+    With ``checkpointing``, the loop resumes from the last complete checkpoint of its folder
+    (trainable weights, optimizer, scheduler, RNG states, losses; the batches already consumed are
+    read again and skipped), writes one every ``cfg.checkpoint_every`` steps, and on SIGTERM writes
+    one and raises ``Preempted``."""
     if cfg.kd_weight > 0 and teacher is None:
         raise DistillConfigError("kd_weight > 0 needs a teacher model")
     torch.manual_seed(seed)
@@ -110,8 +136,18 @@ def train_causal_lm(
     model.train()
     losses: list[float] = []
     tokens = 0
+    first_step, resumes, time_before = 0, 0, 0.0
+    if checkpointing is not None:
+        found = last_complete(checkpointing.directory, checkpointing.digest)
+        if found is not None:
+            state = _load_checkpoint(found[0], model, optimizer, scheduler, device)
+            first_step, losses, tokens = state["step"], state["losses"], state["tokens"]
+            resumes, time_before = state["resumes"] + 1, state["train_time_s"]
+            for _ in range(first_step * cfg.grad_accum):  # the batches those steps consumed
+                next(batches)
+            log.info("resuming %s from %s (step %d, resume %d)", desc, found[0], first_step, resumes)
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, mininterval=1.0, disable=cfg.steps == 0)
+    bar = tqdm(range(first_step, cfg.steps), desc=desc, mininterval=1.0, disable=cfg.steps == 0)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -140,15 +176,81 @@ def train_causal_lm(
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if checkpointing is not None:
+            term = checkpointing.sigterm is not None and checkpointing.sigterm.received
+            due = cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+            if term or due:
+                state = {"step": step + 1, "losses": losses, "tokens": tokens, "resumes": resumes}
+                state["train_time_s"] = time_before + time.perf_counter() - start
+                _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
+            if term:
+                raise Preempted(f"SIGTERM during {desc}: checkpoint at step {step + 1} written")
     model.eval()
-    elapsed = time.perf_counter() - start
+    elapsed = time_before + time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :] if losses else []
     return {
         "steps": cfg.steps,
         "precision": precision,
+        "resumed": resumes,
+        "resumed_from_step": first_step if resumes else None,
         "tokens": tokens,
         "train_time_s": elapsed,
         "train_tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
     }
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer, scheduler) -> None:
+    """``checkpoint-<step>/``: trainable weights (safetensors), optimizer + scheduler + RNG states
+    (tensors and plain containers, loaded with weights_only=True), the loop's state, and last the
+    completeness marker; older checkpoints beyond ``keep`` are removed once it is written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lamda_repro.resume import checkpoints
+
+    out = Path(ck.directory) / f"checkpoint-{state['step']}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file(
+        {n: p.detach().cpu().contiguous().clone() for n, p in _trainable(model).items()},
+        out / "trainable.safetensors",
+    )
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        out / "optim.pt",
+    )
+    (out / "state.json").write_text(json.dumps(state))
+    write_marker(out, {"step": state["step"], "spec_digest": ck.digest, "resumes": state["resumes"]})
+    log.info("checkpoint at step %d complete: %s", state["step"], out)
+    for _step, old in checkpoints(ck.directory)[: -ck.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "trainable.safetensors", device=str(device))
+    params = _trainable(model)
+    if set(weights) != set(params):
+        raise DistillConfigError(f"checkpoint {path} does not hold this model's trainable weights")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["cpu"].cpu())
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng"]["cuda"]])
+    return json.loads((path / "state.json").read_text())

@@ -29,9 +29,12 @@ rule bench:
         stem=lambda w, output: output.json.removesuffix(".json"),
     threads: max(1, CFG["threads"])
     resources:
-        gpu=1 if BENCH.get("device", CFG["device"]) == "cuda" else 0,
-        mem_mb=BENCH.get("mem_mb", 16000),
-        runtime=BENCH.get("runtime_min", 60),
+        **job_resources(
+            CFG,
+            "bench",
+            device=BENCH.get("device"),
+            sizes={k: BENCH[b] for k, b in (("mem_mb", "mem_mb"), ("runtime", "runtime_min")) if b in BENCH},
+        ),
     log:
         LOGS + "/bench/lamda_bench.log",
     conda:

@@ -7,6 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
+from lamda_repro.cluster import job_resources, launcher
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
@@ -44,6 +45,20 @@ def run_spec(wildcards):
     if run_id not in RUNS:
         raise ValueError(f"no run {run_id!r} in the config")
     return RUNS[run_id]
+
+
+def run_gpus(spec):
+    """GPUs of one fine-tuning run (`training.gpus`, default 1)."""
+    return int(spec.training.get("gpus", 1))
+
+
+def finetune_resources():
+    """Cluster resources of the finetune rule (lamda_repro/cluster.py); a GPU job asks for its
+    run's `training.gpus`."""
+    res = job_resources(CFG, "finetune")
+    if res["gpu"]:
+        res["gpu"] = lambda w: run_gpus(run_spec(w))
+    return res
 
 
 def data_files(name):

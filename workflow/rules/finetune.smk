@@ -43,11 +43,14 @@ rule finetune:
         device=CFG["device"],
         offline="" if CFG["offline"] else "--online",
         workdir=WORKDIR,
+        launcher=lambda w: launcher(run_spec(w).training, CFG["device"]),
     threads: max(1, CFG["threads"])
+    resources:
+        **finetune_resources(),
     log:
         LOGS + "/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro run --spec {params.spec:q} --out {output:q} --workdir {params.workdir:q}"
+        "{params.launcher:q} lamda-repro run --spec {params.spec:q} --out {output:q} --workdir {params.workdir:q}"
         " --device {params.device:q} --threads {threads:q} {params.offline:q} > {log:q} 2>&1"

@@ -61,6 +61,8 @@ rule recursive_pretrain:
         device=CFG["device"],
         online="" if CFG.get("offline", True) else "--online",
     threads: max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "recursive_pretrain"),
     log:
         LOGS + "/recursive/pretrain/{rec_model}.log",
     conda:
@@ -92,6 +94,8 @@ rule recursive_run:
         device=CFG["device"],
         online="" if CFG.get("offline", True) else "--online",
     threads: max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "recursive_run"),
     log:
         LOGS + "/recursive/run/{rec_run}.log",
     conda:
@@ -114,6 +118,8 @@ rule recursive_relax_error:
         stem=lambda w, output: output.md[: -len(".md")],
         online="" if CFG.get("offline", True) else "--online",
     threads: 1
+    resources:
+        **job_resources(CFG, "recursive_relax_error"),
     log:
         LOGS + "/recursive/relax_error/{rec_model}.log",
     conda:

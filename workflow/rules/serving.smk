@@ -36,6 +36,8 @@ rule recursive_early_exit:
         device=CFG["device"],
         online=ONLINE_FLAG,
     threads: max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "recursive_early_exit"),
     log:
         LOGS + "/recursive/early_exit/{ee_run}.log",
     conda:
@@ -63,6 +65,8 @@ rule recursive_serve:
         device=CFG["device"],
         online=ONLINE_FLAG,
     threads: max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "recursive_serve"),
     log:
         LOGS + "/recursive/serving.log",
     conda:

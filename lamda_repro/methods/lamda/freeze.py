@@ -194,6 +194,14 @@ class LamdaFreezeCallback(TrainerCallback):
             self.controller = LamdaFreezeController(model, total)
         return self.controller
 
+    def resume_at(self, model: nn.Module, step: int) -> None:
+        """Restore the freeze state of optimizer step ``step`` (a resumed run, before its optimizer
+        and checkpoint are loaded, so that shapes and optimizer entries match the checkpoint's)."""
+        if self.controller is None:
+            total = self.total_steps or configured_total_steps(model)
+            self.controller = LamdaFreezeController(model, total)
+        self.controller.freeze_for_step(None, step)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._controller(model, state).freeze_for_step(optimizer, state.global_step)
 

@@ -70,7 +70,12 @@ def cmd_build_model(args) -> int:
     from lamda_repro.models import build_model
 
     path = build_model(
-        args.name, _json_arg(args.entry, "--entry"), args.workdir, args.data_files, seed=args.seed
+        args.name,
+        _json_arg(args.entry, "--entry"),
+        args.workdir,
+        args.data_files,
+        seed=args.seed,
+        threads=args.threads,
     )
     print(f"built model {args.name!r} at {path}")
     return 0
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--entry", required=True, help="the model entry of the config, as JSON")
     s.add_argument("--workdir", required=True)
     s.add_argument("--data-files", nargs="+", required=True, help="JSONL files to train the tokenizer on")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random init and of the pretraining")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     s.set_defaults(func=cmd_build_model)
 
     s = sub.add_parser("run", help="train and evaluate one run; writes its record")

@@ -30,7 +30,8 @@ def _words(text: str) -> set[str]:
 
 
 def _task_rows(entry: dict) -> dict:
-    return generate(entry["generator"], entry["n_train"], entry["n_eval"], entry["seed"], entry.get("options"))
+    n_train, n_eval = entry["n_train"], entry["n_eval"]
+    return generate(entry["generator"], n_train, n_eval, entry["seed"], entry.get("options"))
 
 
 def tiny_entry(model_type: str) -> dict:

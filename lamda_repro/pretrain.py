@@ -164,11 +164,11 @@ def pretrain(
             input_ids, attention = _pad(corrupted, tokenizer.pad_token_id)
             labels, label_mask = _pad(batch, tokenizer.pad_token_id)
             labels[~label_mask] = -100
-            out = model(input_ids=input_ids, attention_mask=attention, labels=labels)
+            out = model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False)
             tokens += int(label_mask.sum())
         else:
             input_ids = torch.tensor(batch, dtype=torch.long)
-            out = model(input_ids=input_ids, labels=input_ids)
+            out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
             tokens += input_ids.numel()
         out.loss.backward()
         if p["max_grad_norm"]:
@@ -176,7 +176,7 @@ def pretrain(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log(f"pretrain step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
     model.eval()

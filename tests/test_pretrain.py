@@ -171,6 +171,7 @@ for name, entry in entries.items():
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch / transformers: seconds each
 def test_two_pretraining_runs_in_fresh_processes_give_identical_weights(tmp_path):
     from safetensors.torch import load_file
 

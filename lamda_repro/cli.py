@@ -19,6 +19,27 @@ _PLUGIN_MODULES = (
     "lamda_repro.recursive.cli",
     "lamda_repro.status",
 )
+# The commands defined here, and the command prefix of the plugins whose imports are heavy (torch,
+# transformers, peft: seconds per process): a workflow job loads only the plugins its command can
+# come from, so that light jobs (prepare-data, aggregate, report-pages) start quickly.
+_CORE_COMMANDS = ("validate", "list-runs", "prepare-data", "build-model", "run")
+_PLUGIN_PREFIXES = {"lamda_repro.bench.cli": "bench-", "lamda_repro.recursive.cli": "recursive-"}
+
+
+def _plugins_for(command: str | None) -> list[str]:
+    """The plugin modules that may define ``command`` (all of them when it is not known)."""
+    if command is None:
+        return list(_PLUGIN_MODULES)
+    if command in _CORE_COMMANDS:
+        return []
+    prefixed = [m for m, prefix in _PLUGIN_PREFIXES.items() if command.startswith(prefix)]
+    return prefixed or [m for m in _PLUGIN_MODULES if m not in _PLUGIN_PREFIXES]
+
+
+def _command_of(argv) -> str | None:
+    """The subcommand named on the command line (the first argument that is not an option)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return next((a for a in args if not a.startswith("-")), None)
 
 
 def _json_arg(text: str, flag: str) -> dict:
@@ -71,7 +92,12 @@ def cmd_build_model(args) -> int:
     from lamda_repro.models import build_model
 
     path = build_model(
-        args.name, _json_arg(args.entry, "--entry"), args.workdir, args.data_files, seed=args.seed
+        args.name,
+        _json_arg(args.entry, "--entry"),
+        args.workdir,
+        args.data_files,
+        seed=args.seed,
+        threads=args.threads,
     )
     print(f"built model {args.name!r} at {path}")
     return 0
@@ -117,7 +143,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only the plugins that may define it are imported (every
+    plugin when none of those defines it, so that an unknown command lists all the choices)."""
     p = argparse.ArgumentParser(prog="lamda-repro", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--entry", required=True, help="the model entry of the config, as JSON")
     s.add_argument("--workdir", required=True)
     s.add_argument("--data-files", nargs="+", required=True, help="JSONL files to train the tokenizer on")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random init and of the pretraining")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     s.set_defaults(func=cmd_build_model)
 
     s = sub.add_parser("run", help="train and evaluate one run; writes its record")
@@ -154,22 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="exit 1 when the run fails")
     s.set_defaults(func=cmd_run)
 
-    for mod_name in _PLUGIN_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod_name.startswith(exc.name):
-                continue  # that part of the suite is not installed
-            raise
-        mod.add_cli(sub)
+    loaded = set()
+
+    def load(modules):
+        for mod_name in modules:
+            if mod_name in loaded:
+                continue
+            loaded.add(mod_name)
+            try:
+                mod = importlib.import_module(mod_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and mod_name.startswith(exc.name):
+                    continue  # that part of the suite is not installed
+                raise
+            mod.add_cli(sub)
+
+    load(_plugins_for(command))
+    if command is not None and command not in sub.choices:
+        load(_PLUGIN_MODULES)
     return p
 
 
 def main(argv=None) -> int:
     from lamda_repro.config import ConfigError
-    from lamda_repro.methods.base import MethodConfigError
 
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -179,7 +217,7 @@ def main(argv=None) -> int:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's exit
         return rc
-    except (ConfigError, MethodConfigError) as exc:
+    except (ConfigError, _method_config_error()) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -189,6 +227,17 @@ def main(argv=None) -> int:
         # the status of a process ended by SIGPIPE, as command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def _method_config_error() -> type[Exception]:
+    """MethodConfigError when the methods were imported (only they raise it), without importing
+    them (torch) for commands that never touch a method."""
+    base = sys.modules.get("lamda_repro.methods.base")
+    return base.MethodConfigError if base is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    """Never raised: stands for MethodConfigError while the methods are not imported."""
 
 
 def stdout_reader_gone() -> bool:

@@ -141,6 +141,17 @@ def _check_model(name: str, entry: dict[str, Any], data: dict[str, Any]) -> None
                 f"{where}.tokenizer.data: unknown data set {entry['tokenizer']['data']!r}"
                 f" (defined: {', '.join(sorted(data)) or 'none'})"
             )
+    for key in ("pretrain", "seed"):
+        if key in entry and entry["source"] != "build":
+            raise ConfigError(f"{where}.{key}: only applies to source 'build'")
+    if entry.get("pretrain") is not None:
+        from lamda_repro.models import ENCODER_DECODER_TYPES
+        from lamda_repro.pretrain import PretrainError, pretrain_settings
+
+        try:
+            pretrain_settings(entry["pretrain"], entry["config"]["model_type"] in ENCODER_DECODER_TYPES)
+        except PretrainError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
 
 
 def _check_refs(where: str, names: list[str], defined: dict, what: str) -> None:

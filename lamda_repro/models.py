@@ -195,9 +195,23 @@ def build_word_tokenizer(texts, vocab_size: int, model_type: str):
     return PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIAL_TOKENS)
 
 
-def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list[str], seed: int = 0) -> Path:
-    """Build a tiny randomly initialised model + tokenizer and save them as an artifact."""
+def build_model(
+    name: str, entry: dict[str, Any], workdir: str, data_files: list[str], seed: int = 0, threads: int = 0
+) -> Path:
+    """Build a tiny model + tokenizer and save them as an artifact (safetensors).
+
+    The model starts from a random init (seeded by ``seed``); with a ``pretrain`` map in the
+    entry it is then pretrained on the train split of the tokenizer's data set (the general
+    corpus; ``lamda_repro.pretrain``), seeded by ``seed`` too, so the artifact is the same
+    bit for bit on every build with the same arguments, machine and torch build.
+    """
     import torch
+
+    from lamda_repro.pretrain import pretrain, pretrain_settings
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    seed = int(entry.get("seed", seed))
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     rows = []
@@ -218,6 +232,9 @@ def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list
         cfg_kwargs["decoder_start_token_id"] = ids["bos_token_id"]
         cfg_kwargs["forced_eos_token_id"] = ids["eos_token_id"]
     cfg_kwargs.update(model_cfg)
+    settings = None
+    if entry.get("pretrain") is not None:  # checked before any work starts
+        settings = pretrain_settings(entry["pretrain"], model_type in ENCODER_DECODER_TYPES)
     config = AutoConfig.for_model(model_type, **cfg_kwargs)
     torch.manual_seed(seed)
     if model_type in ENCODER_DECODER_TYPES:
@@ -226,6 +243,14 @@ def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list
         model = AutoModel.from_config(config)
     else:
         model = AutoModelForCausalLM.from_config(config)
+    stats = None
+    if settings is not None:
+        train_files = [f for f in data_files if Path(f).name == "train.jsonl"] or data_files
+        texts = []
+        for f in train_files:
+            with open(f) as fh:
+                texts.extend(t for row in fh if row.strip() for t in _texts_of([json.loads(row)]))
+        stats = pretrain(model, tok, texts, settings, seed)
     out = built_model_dir(workdir, name)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -234,6 +259,8 @@ def build_model(name: str, entry: dict[str, Any], workdir: str, data_files: list
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if stats is not None:
+        (tmp / "pretrain.json").write_text(json.dumps({"settings": settings, "stats": stats}, indent=2))
     if out.exists():
         import shutil
 

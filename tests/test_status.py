@@ -24,7 +24,7 @@ def _setup(tmp_path):
     # Snakemake's mark of a job being made: the output path, base64, holding the cluster job id
     marker = tmp_path / ".snakemake" / "incomplete"
     marker.mkdir(parents=True)
-    running = "results/runs/gsm8k/smoke_gsm8k/tiny_llama_math/lora_r8_all/seed0.json"
+    running = "results/runs/gsm8k/smoke_gsm8k/tiny_llama/lora_r8_all/seed0.json"
     (marker / base64.urlsafe_b64encode(running.encode()).decode()).write_text('{"external_jobid": "4711"}')
 
 
@@ -43,9 +43,7 @@ def test_status_counts_and_lists_failures_with_their_logs(tmp_path, capsys):
     error = "FloatingPointError: non-finite training loss (nan) at step 3"
     assert f"FAILED  finetune/nlu {run}: {error} (log: logs/finetune/{run}.log)" in out
     assert "STALE" not in out
-    assert (
-        "RUNNING finetune/gsm8k gsm8k/smoke_gsm8k/tiny_llama_math/lora_r8_all/seed0 (cluster job 4711)" in out
-    )
+    assert "RUNNING finetune/gsm8k gsm8k/smoke_gsm8k/tiny_llama/lora_r8_all/seed0 (cluster job 4711)" in out
 
 
 def test_failed_records_feed_forcerun(tmp_path, capsys):

@@ -102,6 +102,31 @@ def test_rerun_with_nothing_changed_runs_no_job(smoke_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_pretrained_models_are_built_once_and_their_runs_start_from_them(smoke_run):
+    cfg = yaml.safe_load((smoke_run / "config" / "config.yaml").read_text())
+    pretrained = sorted(n for n, e in cfg["models"].items() if e.get("pretrain"))
+    assert {"tiny_bart", "tiny_gpt2", "tiny_llama", "tiny_llama_6l"} <= set(pretrained)
+    for name in pretrained:
+        folder = smoke_run / "work" / "models" / name
+        assert (folder / "model.safetensors").is_file(), name
+        stats = json.loads((folder / "pretrain.json").read_text())["stats"]
+        assert stats["steps"] == cfg["models"][name]["pretrain"]["steps"]
+        assert stats["final_loss"] < stats["first_loss"], name
+    targets = [f"work/models/{name}/config.json" for name in pretrained]
+    proc = snakemake(smoke_run, "-n", "--cores", "2", *targets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    for family in ("summarization", "e2e", "wikitext", "gsm8k"):
+        records = sorted((smoke_run / "results" / "runs" / family).rglob("*.json"))
+        assert records, family
+        for path in records:
+            spec = json.loads(path.read_text())["spec"]
+            assert spec["model"] in pretrained and spec["model_params"]["pretrain"], path
+    for path in (smoke_run / "results" / "runs" / "recursive").glob("*.json"):
+        spec = json.loads(path.read_text())["spec"]
+        assert spec["model"]["model"] in pretrained, path
+
+
 def test_deleting_one_record_reruns_only_that_run_and_aggregation(smoke_run):
     records = sorted((smoke_run / "results" / "runs" / "nlu").rglob("*.json"))
     assert records

@@ -5,7 +5,10 @@ The smoke corpus mixes three kinds of sentences a small model can learn:
   facts     "the red cat eats fish ."      (each animal always eats the same food)
   counting  "count : three four five six ." (number words in order)
   copying   "copy : b d a | b d a ."        (a short letter sequence repeated)
-The multiple-choice tasks ask for the next word of held-out sentences of each kind.
+The multiple-choice tasks ask for the next word of held-out sentences of each kind. The
+lexicon and the sentences live with the general smoke corpus (``tasks/general_corpus.py``), which
+holds these sentences among others: the smoke config pretrains the stage's model on it
+(``corpus.data``) and keeps these tasks.
 """
 
 from __future__ import annotations
@@ -18,46 +21,10 @@ from typing import Any
 
 import torch
 
-ANIMALS = ["cat", "dog", "cow", "horse", "bird", "fox", "bear", "goat", "duck", "mouse", "owl", "pig"]
-FOODS = [
-    "fish",
-    "meat",
-    "grass",
-    "hay",
-    "seeds",
-    "berries",
-    "honey",
-    "leaves",
-    "bugs",
-    "cheese",
-    "worms",
-    "corn",
-]
-COLORS = ["red", "blue", "green", "brown", "black", "white", "gray", "small", "big", "old", "young"]
-NUMBERS = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-    "twenty",
-]
-LETTERS = list("abcdefghij")
+from lamda_repro.tasks import general_corpus as gc
+
+ANIMALS, FOODS, COLORS, NUMBERS, LETTERS = gc.ANIMALS, gc.FOODS, gc.COLORS, gc.NUMBERS, gc.LETTERS
+food_of = gc.food_of
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 SMOKE_TASKS = ("smoke_facts", "smoke_count", "smoke_copy")
 
@@ -66,45 +33,8 @@ class CorpusConfigError(ValueError):
     """A corpus setting in the config is invalid."""
 
 
-def food_of(animal: str) -> str:
-    """The fixed food of an animal (the 'fact' the model must learn)."""
-    return FOODS[ANIMALS.index(animal)]
-
-
-def _fact(rng: random.Random) -> tuple[str, str, list[str]]:
-    animal = rng.choice(ANIMALS)
-    context = f"the {rng.choice(COLORS)} {animal} eats"
-    return context, food_of(animal), FOODS
-
-
-def _count(rng: random.Random) -> tuple[str, str, list[str]]:
-    length = rng.randint(3, 5)
-    start = rng.randint(0, len(NUMBERS) - length - 1)
-    words = NUMBERS[start : start + length]
-    return "count : " + " ".join(words), NUMBERS[start + length], NUMBERS
-
-
-def _copy(rng: random.Random) -> tuple[str, str, list[str]]:
-    seq = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
-    cut = rng.randint(1, len(seq) - 1)
-    context = "copy : " + " ".join(seq) + " | " + " ".join(seq[:cut])
-    return context, seq[cut], LETTERS
-
-
-_KINDS = {"smoke_facts": _fact, "smoke_count": _count, "smoke_copy": _copy}
-
-
-def _sentence(rng: random.Random) -> str:
-    kind = rng.choice(list(_KINDS))
-    if kind == "smoke_count":
-        length = rng.randint(4, 7)
-        start = rng.randint(0, len(NUMBERS) - length)
-        return "count : " + " ".join(NUMBERS[start : start + length]) + " ."
-    if kind == "smoke_copy":
-        seq = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
-        return f"copy : {seq} | {seq} ."
-    context, answer, _ = _fact(rng)
-    return f"{context} {answer} ."
+_KINDS = {"smoke_facts": gc.fact_prompt, "smoke_count": gc.count_prompt, "smoke_copy": gc.copy_prompt}
+_sentence = gc.skill_sentence
 
 
 def smoke_documents(num_documents: int, seed: int, sentences: tuple[int, int] = (4, 10)) -> list[str]:

@@ -136,6 +136,12 @@ def resolve_section(section: dict[str, Any] | None) -> dict[str, Any]:
         if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
             raise RecursiveRunError(f"recursive.models.{name}.path: model folder not found: {path}")
     names = [run_id(run) for run in out["runs"]]
+    for name, entry in out["models"].items():
+        if "pretrain" in entry and out["corpus"].get("data"):
+            raise RecursiveRunError(
+                f"recursive.models.{name}.pretrain: pretraining here needs the generated corpus "
+                "(corpus.data is set: use model: <a models entry> of the shared pretraining stage)"
+            )
     for run in out["runs"]:
         if run["model"] not in out["models"]:
             raise RecursiveRunError(
@@ -327,16 +333,28 @@ def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> lis
 
 
 def base_artifacts(section: dict[str, Any], name: str, workdir: str | Path) -> list[str]:
-    """Files model entry ``name`` needs before it loads (a pretrained tiny model's weights)."""
-    if "pretrain" in section["models"][name]:
+    """Files model entry ``name`` needs before it loads (a pretrained tiny model's weights, or
+    the built folder of a model of the shared pretraining stage)."""
+    entry = section["models"][name]
+    if "pretrain" in entry:
         return [str(model_dir(Path(workdir), name) / "model.safetensors")]
+    if "model" in entry:
+        return [str(shared_model_dir(workdir, entry["model"]) / "config.json")]
     return []
 
 
 def base_model_path(section: dict[str, Any], name: str, workdir: str | Path) -> str:
     """Where model entry ``name`` loads from: its pretrained folder, or its path / Hub id."""
     entry = section["models"][name]
+    if "model" in entry:
+        return str(shared_model_dir(workdir, entry["model"]))
     return str(model_dir(Path(workdir), name)) if "pretrain" in entry else entry["path"]
+
+
+def shared_model_dir(workdir: str | Path, name: str) -> Path:
+    """The folder of model ``name`` of the config's models section (built and pretrained by the
+    shared pretraining stage, rule build_model)."""
+    return Path(workdir) / "models" / name
 
 
 def relaxed_models(section: dict[str, Any]) -> list[str]:
@@ -415,6 +433,11 @@ def prepare_corpus(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Write the smoke corpus, tokenizer and tasks (kind smoke); other kinds need no preparation."""
     cfg = section["corpus"]
     out = corpus_dir(workdir)
+    if cfg["kind"] == "smoke" and cfg.get("data"):  # documents of the shared general corpus
+        tasks = corpus_mod.write_smoke_tasks(out / "tasks", section["seed"], cfg["task_test_size"])
+        info = {"kind": "smoke", "data": cfg["data"], "seed": section["seed"], "tasks": tasks}
+        (out / "corpus.json").write_text(json.dumps(info, indent=2))
+        return info
     if cfg["kind"] != "smoke":
         out.mkdir(parents=True, exist_ok=True)
         info = {"kind": cfg["kind"]}
@@ -428,7 +451,8 @@ def prepare_corpus(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def _corpus_entry(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
     cfg = dict(section["corpus"])
     if cfg["kind"] == "smoke":
-        cfg["path"] = str(corpus_dir(workdir))
+        data = cfg.get("data")
+        cfg["path"] = str(Path(workdir) / "data" / data) if data else str(corpus_dir(workdir))
     return cfg
 
 

@@ -24,19 +24,16 @@ def register_generator(name: str):
     return deco
 
 
+# The modules that register generators besides this one. Importing only these keeps
+# `lamda-repro prepare-data` light: the task modules import torch (seconds per job).
+GENERATOR_MODULES = ("lamda_repro.tasks.smoke_generators", "lamda_repro.tasks.general_corpus")
+
+
 def _import_generators() -> None:
     import importlib
-    import pkgutil
 
-    import lamda_repro.tasks as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "smoke"):
-            importlib.import_module(f"lamda_repro.tasks.{mod.name}")
-    try:  # the recursive stage ships its corpus generator with it
-        importlib.import_module("lamda_repro.recursive.corpus")
-    except ImportError:
-        pass
+    for module in GENERATOR_MODULES:
+        importlib.import_module(module)
 
 
 def generator_names() -> list[str]:

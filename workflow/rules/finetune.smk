@@ -1,4 +1,4 @@
-# Generated data sets, built tiny models, and one job per fine-tuning run.
+# Generated data sets, built (and pretrained) tiny models, and one job per fine-tuning run.
 
 
 rule prepare_data:
@@ -24,13 +24,14 @@ rule build_model:
     params:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
         workdir=lambda w, output: Path(output[0]).parents[2],
+    threads: max(1, CFG["threads"])
     log:
         LOGS + "/build_model/{model}.log",
     conda:
         "../../environment.yml"
     shell:
         "lamda-repro build-model --name {wildcards.model:q} --entry {params.entry:q}"
-        " --workdir {params.workdir:q} --data-files {input:q} > {log:q} 2>&1"
+        " --workdir {params.workdir:q} --data-files {input:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 rule finetune:

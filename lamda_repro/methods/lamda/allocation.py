@@ -52,8 +52,9 @@ def _max_rank(spectrum: Spectrum) -> int:
     return spectrum.max_rank if isinstance(spectrum, TruncatedSpectrum) else len(spectrum)
 
 
-def captured_energy(spectrum: Spectrum, r: int) -> float:
-    """E(r): fraction of sum sigma^2 captured by the r largest singular values."""
+def _sorted_energy(spectrum: Spectrum, r: int) -> tuple[torch.Tensor, float]:
+    """(sigma^2 in descending order, total energy) of a spectrum whose energy up to rank ``r`` is
+    asked for; RankAllocationError where the spectrum cannot give it."""
     values = spectrum.values if isinstance(spectrum, TruncatedSpectrum) else spectrum
     sigma = torch.as_tensor(values, dtype=torch.float64).flatten()
     if sigma.numel() == 0 or bool((sigma < 0).any()):
@@ -62,9 +63,13 @@ def captured_energy(spectrum: Spectrum, r: int) -> float:
     if isinstance(spectrum, TruncatedSpectrum):
         if r > sigma.numel() and sigma.numel() < spectrum.max_rank:
             raise RankAllocationError(f"a truncated spectrum of {sigma.numel()} values cannot give E({r})")
-        total = float(spectrum.total_energy)
-    else:
-        total = float(energy.sum())
+        return energy, float(spectrum.total_energy)
+    return energy, float(energy.sum())
+
+
+def captured_energy(spectrum: Spectrum, r: int) -> float:
+    """E(r): fraction of sum sigma^2 captured by the r largest singular values."""
+    energy, total = _sorted_energy(spectrum, r)
     if total == 0.0:
         return 1.0
     return min(1.0, float(energy[:r].sum()) / total)
@@ -72,17 +77,7 @@ def captured_energy(spectrum: Spectrum, r: int) -> float:
 
 def energy_curve(spectrum: Spectrum, upto: int) -> list[float]:
     """[E(0), E(1), ..., E(upto)]: captured-energy fractions of ranks 0..upto (as captured_energy)."""
-    values = spectrum.values if isinstance(spectrum, TruncatedSpectrum) else spectrum
-    sigma = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if sigma.numel() == 0 or bool((sigma < 0).any()):
-        raise RankAllocationError("a spectrum must be a non-empty list of non-negative singular values")
-    energy = sigma.pow(2).sort(descending=True).values
-    if isinstance(spectrum, TruncatedSpectrum):
-        if upto > sigma.numel() and sigma.numel() < spectrum.max_rank:
-            raise RankAllocationError(f"a truncated spectrum of {sigma.numel()} values cannot give E({upto})")
-        total = float(spectrum.total_energy)
-    else:
-        total = float(energy.sum())
+    energy, total = _sorted_energy(spectrum, upto)
     if total == 0.0:
         return [1.0] * (upto + 1)
     cumulative = torch.cat([energy.new_zeros(1), energy.cumsum(0)])[: upto + 1] / total

@@ -44,7 +44,10 @@ def smoke_run(tmp_path_factory):
     for item in COPY:
         src, dst = REPO / item, root / item
         dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+        if src.is_dir():  # links stay links (profiles/slurm -> ../slurm), as in a clone
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy(src, dst)
     proc = snakemake(root, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root

@@ -34,6 +34,15 @@ localrules:
     report_pages,
 
 
+# Warm-start servers (lamda_repro/warm.py) leave with the workflow.
+onsuccess:
+    WARM and warm.stop_servers()
+
+
+onerror:
+    WARM and warm.stop_servers()
+
+
 rule all:
     default_target: True
     input:

@@ -24,6 +24,9 @@ _PLUGIN_MODULES = (
 # come from, so that light jobs (prepare-data, aggregate, report-pages) start quickly.
 _CORE_COMMANDS = ("validate", "list-runs", "prepare-data", "build-model", "run")
 _PLUGIN_PREFIXES = {"lamda_repro.bench.cli": "bench-", "lamda_repro.recursive.cli": "recursive-"}
+# Commands that import torch and friends: with warm starts on (lamda_repro/warm.py) they run in a
+# worker forked from a server that has those imported (besides every bench-* / recursive-* one).
+_WARM_COMMANDS = ("build-model", "run")
 
 
 def _plugins_for(command: str | None) -> list[str]:
@@ -148,6 +151,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     plugin when none of those defines it, so that an unknown command lists all the choices)."""
     p = argparse.ArgumentParser(prog="lamda-repro", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--online",
+        dest="online_all",
+        action="store_true",
+        help="allow Hugging Face Hub access for the recursive-* commands (default: offline)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", help="check config files; one line per problem")
@@ -205,10 +214,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    command = _command_of(argv)
+    if command in _WARM_COMMANDS or (command or "").startswith(tuple(_PLUGIN_PREFIXES.values())):
+        from lamda_repro import warm
+
+        rc = warm.forward(sys.argv[1:] if argv is None else list(argv))
+        if rc is not None:
+            return rc
     from lamda_repro.config import ConfigError
 
-    parser = build_parser(_command_of(argv))
+    parser = build_parser(command)
     args = parser.parse_args(argv)
+    if not args.online_all and (command or "").startswith("recursive-"):
+        # the recursive stage's commands are offline unless --online (as `python -m
+        # lamda_repro.recursive.cli` has them); `run` has its own --online
+        from lamda_repro.models import OFFLINE_VARS
+
+        for name in OFFLINE_VARS:
+            os.environ.setdefault(name, "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

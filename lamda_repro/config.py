@@ -94,6 +94,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "offline": True,
     "device": "auto",
     "threads": 0,
+    "warm_start": False,
     "data": {},
     "models": {},
     "tasks": {},

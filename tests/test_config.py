@@ -77,7 +77,7 @@ def test_default_config_is_valid_and_expands_to_runs(repo_root):
     assert runs, "the smoke config must define runs"
     ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids))
-    nlu = [r for r in runs if r.experiment == "nlu"]
+    nlu = [r for r in runs if r.family == "nlu"]
     assert {r.method_type for r in nlu} >= {"full", "lora"}
     assert {r.task for r in nlu} >= {"smoke_sst2", "smoke_stsb"}
 
@@ -195,8 +195,8 @@ def test_unsafe_recursive_run_fields_are_refused(repo_root, key):
 def test_ordinary_names_pass(repo_root, name):
     cfg = default_config(repo_root)
     cfg["methods"][name] = cfg["methods"].pop("full_ft")
-    exp = cfg["experiments"]["nlu"]
-    exp["methods"] = [name if m == "full_ft" else m for m in exp["methods"]]
+    for exp in cfg["experiments"].values():
+        exp["methods"] = [name if m == "full_ft" else m for m in exp["methods"]]
     validate_config(cfg)
 
 

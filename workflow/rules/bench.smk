@@ -40,4 +40,4 @@ rule bench:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.bench.cli bench-lamda --out {params.stem:q} {params.args:q} > {log:q} 2>&1"
+        "lamda-repro bench-lamda --out {params.stem:q} {params.args:q} > {log:q} 2>&1"

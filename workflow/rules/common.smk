@@ -7,6 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
+from lamda_repro import warm
 from lamda_repro.cluster import job_resources, launcher
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
@@ -19,6 +20,12 @@ except ConfigError as exc:
 validate(config, "../schemas/config.schema.yaml")
 
 WORKDIR = CFG["workdir"]
+
+# Warm starts (lamda_repro/warm.py): with `warm_start: true`, offline, and jobs run by this
+# Snakemake process (not a cluster), heavy jobs fork from a server that has torch & co. imported.
+WARM = bool(CFG.get("warm_start")) and CFG["offline"] and workflow.local_exec and not workflow.remote_exec
+if WARM and not workflow.dryrun:
+    warm.enable_for_jobs()
 RESULTS = CFG["results_dir"]
 LOGS = CFG["logs_dir"]
 RUNS = {spec.run_id: spec for spec in expand_runs(CFG)}

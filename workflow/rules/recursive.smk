@@ -57,7 +57,7 @@ rule recursive_corpus:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli recursive-corpus --section-json {params.section:q}"
+        "lamda-repro recursive-corpus --section-json {params.section:q}"
         " --workdir {params.workdir:q} > {log:q} 2>&1"
 
 
@@ -79,7 +79,7 @@ rule recursive_pretrain:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online:q} recursive-pretrain --section-json {params.section:q}"
+        "lamda-repro {params.online:q} recursive-pretrain --section-json {params.section:q}"
         " --model {wildcards.rec_model:q} --workdir {params.workdir:q} --device {params.device:q}"
         " --threads {threads:q} > {log:q} 2>&1"
 
@@ -112,7 +112,7 @@ rule recursive_run:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online:q} recursive-run --section-json {params.section:q}"
+        "lamda-repro {params.online:q} recursive-run --section-json {params.section:q}"
         " --run {wildcards.rec_run:q} --out {output:q} --workdir {params.workdir:q} --device {params.device:q}"
         " --threads {threads:q} --keep-going > {log:q} 2>&1"
 
@@ -136,7 +136,7 @@ rule recursive_relax_error:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online:q} recursive-relax-error --section-json {params.section:q}"
+        "lamda-repro {params.online:q} recursive-relax-error --section-json {params.section:q}"
         " --model {wildcards.rec_model:q} --workdir {params.workdir:q} --threads {threads:q}"
         " --out-stem {params.stem:q} > {log:q} 2>&1"
 
@@ -155,5 +155,5 @@ rule recursive_table:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli recursive-table --records {input.records:q} --out-stem {params.stem:q}"
+        "lamda-repro recursive-table --records {input.records:q} --out-stem {params.stem:q}"
         " --figure {output.figure:q} --reference {input.reference:q} > {log:q} 2>&1"

@@ -43,7 +43,7 @@ rule recursive_early_exit:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online:q} recursive-early-exit"
+        "lamda-repro {params.online:q} recursive-early-exit"
         " --section-json {params.section:q} --run {wildcards.ee_run:q} --source-record {input.record:q}"
         " --out {output:q} --workdir {params.workdir:q} --device {params.device:q} --threads {threads:q}"
         " --keep-going > {log:q} 2>&1"
@@ -72,7 +72,7 @@ rule recursive_serve:
     conda:
         "../../environment.yml"
     shell:
-        "python -m lamda_repro.recursive.cli {params.online:q} recursive-serve --section-json {params.section:q}"
+        "lamda-repro {params.online:q} recursive-serve --section-json {params.section:q}"
         " --early-exit-records {input.early_exit:q} --vanilla-record {input.vanilla:q}"
         " --out {output.record:q} --table-stem {params.stem:q} --figure {output.figure:q} --reference {input.reference:q}"
         " --workdir {params.workdir:q} --device {params.device:q} --threads {threads:q} --keep-going > {log:q} 2>&1"

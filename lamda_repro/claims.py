@@ -446,7 +446,8 @@ def check_lamda_quality(claim: dict, ev: Evidence) -> ClaimResult:
     measured = (
         f"{within}/{len(pairs)} LaMDA-vs-LoRA pairs within {tol:.0%} of LoRA; worst "
         f"{_where(lamda)}: {lamda['primary_metric']} {lamda['mean']:.4g} vs LoRA "
-        f"{lora['mean']:.4g} ({worst_gap:+.1%})"
+        f"{lora['mean']:.4g} ({worst_gap:+.1%}); families: "
+        f"{', '.join(sorted({str(a['family']) for a, _ in pairs}))}"
     )
     return ClaimResult(measured, scale, _direction_verdict(within == len(pairs), scale))
 

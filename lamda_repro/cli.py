@@ -22,7 +22,7 @@ _PLUGIN_MODULES = (
 # The commands defined here, and the command prefix of the plugins whose imports are heavy (torch,
 # transformers, peft: seconds per process): a workflow job loads only the plugins its command can
 # come from, so that light jobs (prepare-data, aggregate, report-pages) start quickly.
-_CORE_COMMANDS = ("validate", "list-runs", "prepare-data", "build-model", "run")
+_CORE_COMMANDS = ("validate", "list-runs", "prepare-data", "build-model", "run", "compare-records")
 _PLUGIN_PREFIXES = {"lamda_repro.bench.cli": "bench-", "lamda_repro.recursive.cli": "recursive-"}
 # Commands that import torch and friends: with warm starts on (lamda_repro/warm.py) they run in a
 # worker forked from a server that has those imported (besides every bench-* / recursive-* one).
@@ -79,6 +79,23 @@ def cmd_list_runs(args) -> int:
     cfg = _load_checked(args.config)
     for spec in expand_runs(cfg):
         print(record_path(cfg["results_dir"], spec.run_id) if args.paths else spec.run_id)
+    return 0
+
+
+def cmd_compare_records(args) -> int:
+    from lamda_repro.reproducible import compare_record_trees
+
+    for folder in (args.a, args.b):
+        if not os.path.isdir(folder):
+            print(f"compare-records: {folder}: not a folder", file=sys.stderr)
+            return 2
+    count, problems = compare_record_trees(args.a, args.b)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} difference(s) in {count} record(s) present in both", file=sys.stderr)
+        return 1
+    print(f"{count} record(s): identical apart from times, dates, machine and memory readings")
     return 0
 
 
@@ -167,6 +184,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("config", nargs="+")
     s.add_argument("--paths", action="store_true", help="print record paths instead of run ids")
     s.set_defaults(func=cmd_list_runs)
+
+    s = sub.add_parser(
+        "compare-records", help="compare the run records of two results folders (reproducibility)"
+    )
+    s.add_argument("a", help="a runs folder, e.g. results/runs")
+    s.add_argument("b", help="the other runs folder")
+    s.set_defaults(func=cmd_compare_records)
 
     s = sub.add_parser("prepare-data", help="write a generated smoke data set as JSONL")
     s.add_argument("--entry", required=True, help="the data entry of the config, as JSON")

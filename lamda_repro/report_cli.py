@@ -53,7 +53,7 @@ def aggregate_outputs(out: str | Path, families: list[str]) -> list[str]:
 
     out = Path(out)
     paths = []
-    for stem in [*families, "measurements"]:
+    for stem in [*families, "measurements", "smoke_checks"]:
         paths += [str(out / TABLES_DIR / f"{stem}.{fmt}") for fmt in TABLE_FORMATS]
     paths.append(str(out / TABLES_DIR / "runs.csv"))
     for family in families:
@@ -138,6 +138,13 @@ def aggregate(
             "memory is the allocator peak on CUDA and the process high-water mark on CPU.",
         ],
     )
+    checks, outcomes = tables.smoke_checks(cells)
+    written += tables.write_table(
+        checks,
+        tables_dir / "smoke_checks",
+        "LaMDA against LoRA and full fine-tuning",
+        [scale_note, tables.SMOKE_CHECKS_NOTE],
+    )
     runs_csv = tables_dir / "runs.csv"
     write_text_atomic(runs_csv, tables.to_csv(frame))
     written.append(str(runs_csv))
@@ -146,12 +153,26 @@ def aggregate(
     ledger = claims_markdown(
         evaluate_claims(reference, evidence),
         bench_note=evidence.bench_note,
-        findings=suite_findings(evidence),
+        findings=[*suite_findings(evidence), _checks_finding(outcomes, frame)],
     )
     claims_path = out / CLAIMS_FILE
     write_text_atomic(claims_path, ledger)
     written.append(str(claims_path))
     return written
+
+
+def _checks_finding(outcomes, frame) -> dict[str, str]:
+    from lamda_repro import tables
+
+    scales = ", ".join(sorted(set(frame["scale"]))) if outcomes else "—"
+    return {
+        "id": "lamda_vs_lora_tolerances",
+        "finding": "LaMDA against LoRA (equal rank) and full fine-tuning, per run, with the stated "
+        "tolerances of `tables/smoke_checks.md` (within 5 points of LoRA, 10 of full FT; fewer "
+        "trainable parameters, updates and saved activations than LoRA)",
+        "this suite": tables.smoke_checks_summary(outcomes),
+        "scale": scales,
+    }
 
 
 def _scale_note(frame) -> str:

@@ -240,6 +240,7 @@ def _spawn_server(folder: Path, sock_path: Path) -> None:
             stdout=log,
             stderr=log,
             env=env,
+            cwd=folder,  # `-m` puts the cwd first on sys.path: never a checkout's folder
             start_new_session=True,
             close_fds=True,
             pass_fds=(lock,),

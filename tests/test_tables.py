@@ -397,3 +397,33 @@ def test_a_malformed_rank_histogram_is_refused():
     rec = lamda_record("lamdapp_r8", "lamdapp", {"eight": 3}, False)
     with pytest.raises(tables.TableInputError, match="rank_histogram"):
         tables.finetune_frame([rec])
+
+
+def test_smoke_checks_hold_lamda_to_the_stated_tolerances():
+    small = {"trainable": 10, "updates": 100, "saved": 100}
+    recs = [
+        finetune_record(method="full", method_type="full", r=None, score=0.95, updates=10**7),
+        finetune_record(method="lora_r8", score=0.90, trainable=800, updates=8000, saved=4000),
+        # 4.5 points below LoRA: within 5; 9.5 below full: within 10
+        finetune_record(method="lamda_r8", method_type="lamda", score=0.855, trainable=400, updates=500),
+        # 5.5 points below LoRA: a miss; more updates than LoRA: a miss
+        finetune_record(method="lamdapp_r8", method_type="lamdapp", score=0.845, trainable=400, updates=9000),
+        # perplexity: relative, lower is better (LoRA 2.0, LaMDA 2.08 = 4% worse: within 5%)
+        finetune_record(task="wiki", method="lora_r8", metric="perplexity", score=2.0),
+        finetune_record(
+            task="wiki", method="lamda_r8", method_type="lamda", metric="perplexity", score=2.08, **small
+        ),
+    ]
+    table, outcomes = tables.smoke_checks(cells_of(recs))
+    rows = {(r["task"], r["method"]): r for r in table.to_dict("records")}
+    assert rows[("sst2", "lamda_r8")]["LaMDA vs LoRA"] == "-4.5 pts (ok)"
+    assert rows[("sst2", "lamda_r8")]["LaMDA vs full FT"] == "-9.5 pts (ok)"
+    assert rows[("sst2", "lamda_r8")]["updates LoRA/this"] == "16.00x (ok)"
+    assert rows[("sst2", "lamdapp_r8")]["LaMDA vs LoRA"] == "-5.5 pts (MISS)"
+    assert rows[("sst2", "lamdapp_r8")]["updates LoRA/this"].endswith("(MISS)")
+    assert rows[("wiki", "lamda_r8")]["LaMDA vs LoRA"] == "-4.0 % (ok)"
+    assert rows[("wiki", "lamda_r8")]["LoRA vs full FT"] == "—"  # no full FT run on that task
+    summary = tables.smoke_checks_summary(outcomes)
+    assert "LaMDA within tolerance of LoRA: 2/3 (misses: nlu/sst2/minilm/lamdapp_r8)" in summary
+    assert "LoRA within margin of full FT: 1/2" in summary  # one LoRA row, counted once per task
+    assert "LaMDA makes fewer parameter updates than LoRA: 2/3" in summary

@@ -1,7 +1,8 @@
 """The smoke workflow end to end through Snakemake (group `workflow`: minutes, not seconds).
 
 Runs the default config (the smoke reproduction) in a copy of the workflow, then checks the
-outputs, the HTML report, that a re-run does nothing, that deleting one record reruns only that
+outputs, the HTML report, that a second run in a fresh copy writes the same records, that a
+re-run does nothing, that deleting one record reruns only that
 run and the aggregation, and that malformed configs stop Snakemake before any job runs.
 """
 
@@ -40,6 +41,16 @@ def snakemake(cwd, *args, timeout=1800):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """One real smoke reproduction with the default config."""
+    return _fresh_smoke_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def second_smoke_run(tmp_path_factory):
+    """Another one, in a fresh copy (for the reproducibility check)."""
+    return _fresh_smoke_run(tmp_path_factory)
+
+
+def _fresh_smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wf")
     for item in COPY:
         src, dst = REPO / item, root / item
@@ -83,6 +94,17 @@ def test_smoke_run_writes_tables_figures_claims_and_report(smoke_run):
     proc = snakemake(smoke_run, "--report", "results/report.html")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (res / "report.html").stat().st_size > 10_000
+
+
+def test_two_smoke_runs_write_the_same_records(smoke_run, second_smoke_run):
+    """Every record of the whole smoke workflow (fine-tuning, recursive, early exit, serving),
+    byte for byte apart from times, dates, machine and memory readings."""
+    from lamda_repro.reproducible import compare_record_trees
+
+    first, second = (root / "results" / "runs" for root in (smoke_run, second_smoke_run))
+    count, problems = compare_record_trees(first, second)
+    assert not problems, "\n".join(problems)
+    assert count == len(list(first.rglob("*.json"))) > 50
 
 
 def test_e2e_records_and_table_carry_the_official_metric_set(smoke_run):

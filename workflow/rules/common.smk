@@ -117,6 +117,8 @@ def _caption(path):
         return "../report/claims.rst", "Claims"
     if stem == "measurements":
         return "../report/table_measurements.rst", "Tables"
+    if stem == "smoke_checks":
+        return "../report/table_smoke_checks.rst", "Tables"
     if name == "runs.csv":
         return "../report/table_runs.rst", "Tables"
     if stem == "recursive":

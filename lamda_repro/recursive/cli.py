@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lamda_repro.models import OFFLINE_VARS, ModelSourceError, refuse_recursive_checkpoint
-from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads
+from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads, write_job_record
 
 
 def cmd_corpus(args) -> int:
@@ -52,7 +52,6 @@ def cmd_pretrain(args) -> int:
 
 def cmd_run(args) -> int:
     from lamda_repro.recursive.runner import execute_run
-    from lamda_repro.results import write_record
     from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
     setup_threads(args)
@@ -66,12 +65,7 @@ def cmd_run(args) -> int:
             f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}", file=sys.stderr
         )
         return TRANSIENT_EXIT
-    write_record(args.out, record)
-    if record["status"] != "success":
-        print(f"run {args.run} failed: {record['error']}", file=sys.stderr)
-        return 0 if args.keep_going else 1
-    print(json.dumps(record["metrics"]))
-    return 0
+    return write_job_record(args, record, f"run {args.run}")
 
 
 def cmd_table(args) -> int:

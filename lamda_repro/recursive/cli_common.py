@@ -1,10 +1,12 @@
 """What the recursive stage's subcommands and those of its serving package share: the config
-source and machine options, the ``recursive:`` section they name, and the thread setup."""
+source and machine options, the ``recursive:`` section they name, the thread setup, and how a
+job's record is written and reported."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -33,3 +35,16 @@ def setup_threads(args) -> None:
     from lamda_repro.measure import set_threads
 
     set_threads(args.threads)
+
+
+def write_job_record(args, record: dict, name: str) -> int:
+    """Write ``record`` to --out; print its metrics (exit 0), or say that ``name`` failed on stderr
+    (exit 1, 0 with --keep-going)."""
+    from lamda_repro.results import write_record
+
+    write_record(args.out, record)
+    if record["status"] != "success":
+        print(f"{name} failed: {record['error']}", file=sys.stderr)
+        return 0 if args.keep_going else 1
+    print(json.dumps(record["metrics"]))
+    return 0

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads
+from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads, write_job_record
 
 
 def _section(args) -> dict:
@@ -32,17 +32,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _write(args, record) -> int:
-    from lamda_repro.results import write_record
-
-    write_record(args.out, record)
-    if record["status"] != "success":
-        print(f"{record['run_id']} failed: {record['error']}", file=sys.stderr)
-        return 0 if args.keep_going else 1
-    print(json.dumps(record["metrics"]))
-    return 0
-
-
 def _reference(path):
     """The papers' reference numbers (claims.Reference), or None without a path."""
     if not path:
@@ -58,7 +47,7 @@ def cmd_early_exit(args) -> int:
     section = _section(args)
     setup_threads(args)
     record = execute_early_exit(section, args.run, Path(args.workdir), args.source_record, args.device)
-    return _write(args, record)
+    return write_job_record(args, record, record["run_id"])
 
 
 def cmd_serve(args) -> int:
@@ -78,7 +67,7 @@ def cmd_serve(args) -> int:
             )
             return 2
     record = execute_serving(section, Path(args.workdir), by_run, args.vanilla_record, args.device)
-    status = _write(args, record)
+    status = write_job_record(args, record, record["run_id"])
     if args.table_stem:
         write_serving_table(record, args.table_stem, _reference(args.reference))
     if args.figure:

@@ -20,37 +20,13 @@ import sys
 from pathlib import Path
 
 from lamda_repro.models import OFFLINE_VARS, ModelSourceError, refuse_recursive_checkpoint
-
-
-def _section(args) -> dict:
-    from lamda_repro.recursive.runner import resolve_section
-
-    if args.section_json:
-        return resolve_section(json.loads(args.section_json))
-    from lamda_repro.config import load_config
-
-    return resolve_section(load_config(*args.config).get("recursive"))
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", nargs="+", help="config YAML file(s); later ones override earlier")
-    source.add_argument("--section-json", help="the recursive: section as a JSON string")
-    parser.add_argument("--workdir", default="work", help="artifact root (default: work)")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-
-
-def _setup(args) -> None:
-    from lamda_repro.measure import set_threads
-
-    set_threads(args.threads)
+from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads, write_job_record
 
 
 def cmd_corpus(args) -> int:
     from lamda_repro.recursive.runner import prepare_corpus
 
-    info = prepare_corpus(_section(args), Path(args.workdir))
+    info = prepare_corpus(load_section(args), Path(args.workdir))
     print(json.dumps(info))
     return 0
 
@@ -59,9 +35,9 @@ def cmd_pretrain(args) -> int:
     from lamda_repro.recursive.runner import pick_device, pretrain_model
     from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
-    _setup(args)
+    setup_threads(args)
     try:
-        stats = pretrain_model(_section(args), args.model, Path(args.workdir), pick_device(args.device))
+        stats = pretrain_model(load_section(args), args.model, Path(args.workdir), pick_device(args.device))
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -76,12 +52,11 @@ def cmd_pretrain(args) -> int:
 
 def cmd_run(args) -> int:
     from lamda_repro.recursive.runner import execute_run
-    from lamda_repro.results import write_record
     from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
-    _setup(args)
+    setup_threads(args)
     try:
-        record = execute_run(_section(args), args.run, Path(args.workdir), args.device)
+        record = execute_run(load_section(args), args.run, Path(args.workdir), args.device)
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -90,12 +65,7 @@ def cmd_run(args) -> int:
             f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}", file=sys.stderr
         )
         return TRANSIENT_EXIT
-    write_record(args.out, record)
-    if record["status"] != "success":
-        print(f"run {args.run} failed: {record['error']}", file=sys.stderr)
-        return 0 if args.keep_going else 1
-    print(json.dumps(record["metrics"]))
-    return 0
+    return write_job_record(args, record, f"run {args.run}")
 
 
 def cmd_table(args) -> int:
@@ -139,7 +109,7 @@ def cmd_relax_error(args) -> int:
     from lamda_repro.recursive.report import replace_block
     from lamda_repro.results import write_text_atomic
 
-    _setup(args)
+    setup_threads(args)
     if args.model_path:
         path, label, ranks = args.model_path, args.label or Path(args.model_path).name, args.budget_lora_ranks
     else:
@@ -151,7 +121,7 @@ def cmd_relax_error(args) -> int:
             return 2
         from lamda_repro.recursive.runner import base_model_path, budget_lora_ranks, relaxed_run_shapes
 
-        section = _section(args)
+        section = load_section(args)
         if args.model not in section["models"]:
             print(
                 f"recursive-relax-error: --model {args.model!r} is not in recursive.models", file=sys.stderr
@@ -199,7 +169,7 @@ def cmd_relax_error(args) -> int:
 def cmd_bench(args) -> int:
     from lamda_repro.recursive.bench import benchmark_conversion
 
-    _setup(args)
+    setup_threads(args)
     result = benchmark_conversion(
         args.model,
         num_loops=args.num_loops,
@@ -221,16 +191,16 @@ def cmd_bench(args) -> int:
 def add_cli(subparsers) -> None:
     """Register the recursive subcommands on an argparse subparsers object."""
     p = subparsers.add_parser("recursive-corpus", help="write the smoke corpus, tokenizer and tasks")
-    _common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_corpus)
 
     p = subparsers.add_parser("recursive-pretrain", help="pretrain a tiny model on the corpus")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", required=True, help="model name in recursive.models")
     p.set_defaults(func=cmd_pretrain)
 
     p = subparsers.add_parser("recursive-run", help="one recursive run -> JSON record")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--run", required=True, help="run id <model>--<name>")
     p.add_argument("--out", required=True, help="record path")
     p.add_argument("--keep-going", action="store_true", help="exit 0 when the run failed (record says so)")

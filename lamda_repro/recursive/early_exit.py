@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lamda_repro.recursive.distill import KD_LOSSES, distillation_loss
 from lamda_repro.recursive.spec import RecursionSpec, RecursiveConfigError, decoder_layers, recursion_spec
-from lamda_repro.recursive.uptrain import lr_factor
+from lamda_repro.recursive.uptrain import TrainingSettings, adamw_with_schedule, next_batch, optimizer_step
 
 EXIT_RULES = ("confidence", "oracle")
 KV_POLICIES = ("copy_state", "copy_kv")
@@ -42,18 +42,20 @@ class EarlyExitConfigError(ValueError):
 
 
 @dataclass
-class EarlyExitConfig:
+class EarlyExitConfig(TrainingSettings):
     """Early-exit post-training and its evaluation sweep (``recursive.early_exit`` in the config)."""
 
+    config_key = "early_exit"
+    config_error = EarlyExitConfigError
+
+    # TrainingSettings' fields with this loop's defaults and words (grad_accum, weight_decay and
+    # max_grad_norm as there)
     steps: int = field(default=40, metadata={"help": "optimizer steps of early-exit post-training"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=64, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     intermediate_weight: float = field(
         default=0.1, metadata={"help": "loss weight of every intermediate loop (paper: aggressive 0.1)"}
     )
@@ -113,23 +115,12 @@ class EarlyExitConfig:
                 raise EarlyExitConfigError(f"early_exit.{name} must be a number >= 0, got {value!r}")
         if self.final_weight == 0 and self.intermediate_weight == 0:
             raise EarlyExitConfigError("early_exit: intermediate_weight and final_weight are both 0")
-        if self.kd_loss not in KD_LOSSES:
-            raise EarlyExitConfigError(f"early_exit.kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
+        self.check_kd_loss()
         if self.kv_policy not in KV_POLICIES:
             raise EarlyExitConfigError(
                 f"early_exit.kv_policy must be one of {KV_POLICIES}, got {self.kv_policy!r}"
             )
         check_thresholds(self.thresholds, "early_exit.thresholds")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise EarlyExitConfigError(f"unknown early_exit keys: {unknown}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_threshold(value: Any, where: str) -> float:
@@ -301,15 +292,7 @@ def train_early_exit(
     weights = loop_weights(spec.num_loops, cfg.intermediate_weight, cfg.final_weight)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    params, optimizer, scheduler = adamw_with_schedule(model, cfg)
     model.train()
     losses: list[float] = []
     first_parts: dict[str, float] = {}
@@ -321,10 +304,7 @@ def train_early_exit(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            try:
-                input_ids = next(batches).to(device)
-            except StopIteration:
-                raise EarlyExitConfigError(f"corpus ran out after {step} steps (need {cfg.steps})") from None
+            input_ids = next_batch(batches, device, step, cfg)
             loss, parts = early_exit_loss(
                 loop_logits(model, input_ids),
                 input_ids,
@@ -336,10 +316,7 @@ def train_early_exit(
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             tokens += input_ids.numel()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(params, optimizer, scheduler, cfg)
         losses.append(step_loss)
         first_parts = first_parts or parts
         last_parts = parts

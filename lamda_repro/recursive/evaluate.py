@@ -48,6 +48,59 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     return manager
 
 
+def hf_lm(model: nn.Module, tokenizer, batch_size: int):
+    """lm-eval's HFLM around the in-memory ``model`` on its own device; the prefix token (the
+    context of a continuation that starts a document) is BOS, or EOS without one."""
+    from lm_eval.models.huggingface import HFLM
+
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=str(next(model.parameters()).device),
+        prefix_token_id=prefix,
+    )
+
+
+def seeded_evaluate(
+    lm, tasks: list[str], manager, num_fewshot: int | None, limit: int | float | None, seed: int
+) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` with every seed (sampling, numpy, torch, few-shot
+    draws) set to ``seed``, no bootstrap and no per-sample logs."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=False,
+    )
+
+
+def task_scores(
+    out: dict[str, Any], tasks: list[str], metrics: dict[str, str] | None = None
+) -> dict[str, float]:
+    """The score of each task in a ``simple_evaluate`` result: the metric from ``metrics`` or
+    DEFAULT_TASK_METRICS, else acc; a missing metric is a one-line EvalConfigError."""
+    chosen = {**DEFAULT_TASK_METRICS, **(metrics or {})}
+    scores = {}
+    for task in tasks:
+        result = out["results"][task]
+        key = f"{chosen.get(task, 'acc')},none"
+        if key not in result:
+            raise EvalConfigError(f"task {task} reported no {key!r} (has {sorted(result)})")
+        scores[task] = float(result[key])
+    return scores
+
+
 def lm_eval_accuracy(
     model: nn.Module,
     tokenizer,
@@ -60,45 +113,14 @@ def lm_eval_accuracy(
     seed: int = 0,
 ) -> dict[str, float]:
     """Accuracy per task (metric from ``metrics`` or DEFAULT_TASK_METRICS, else acc) via lm-eval."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     if not tasks:
         raise EvalConfigError("no evaluation tasks given")
     if num_fewshot is not None and num_fewshot < 0:
         raise EvalConfigError(f"num_fewshot must be >= 0, got {num_fewshot}")
     manager = task_manager(tasks, include_path)
-    device = next(model.parameters()).device
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=str(device),
-        prefix_token_id=prefix,
-    )
-    out = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        bootstrap_iters=0,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        log_samples=False,
-    )
-    chosen = {**DEFAULT_TASK_METRICS, **(metrics or {})}
-    scores = {}
-    for task in tasks:
-        result = out["results"][task]
-        key = f"{chosen.get(task, 'acc')},none"
-        if key not in result:
-            raise EvalConfigError(f"task {task} reported no {key!r} (has {sorted(result)})")
-        scores[task] = float(result[key])
-    return scores
+    lm = hf_lm(model, tokenizer, batch_size)
+    out = seeded_evaluate(lm, tasks, manager, num_fewshot, limit, seed)
+    return task_scores(out, tasks, metrics)
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -39,10 +39,14 @@ class Checkpointing:
 
 
 @dataclass
-class UptrainConfig:
-    """Uptraining hyperparameters. The defaults are this suite's (small, for the smoke scale); the
-    paper's values (Appendix E: AdamW, lr 2e-4, cosine, warmup 200 / 800 steps, context 2048,
-    about 2M tokens per step) are set in config/paper.yaml."""
+class TrainingSettings:
+    """What every training loop here reads: batches, AdamW with linear warmup then cosine decay to
+    ``min_lr_ratio`` of the peak, gradient clipping; the defaults are uptraining's. A subclass
+    names its config section (``config_key``, in error messages) and its error class; both are
+    plain class attributes (unannotated), not fields."""
+
+    config_key = "uptrain"
+    config_error = DistillConfigError
 
     steps: int = field(default=100, metadata={"help": "optimizer steps; tokens = steps * batch * seq_len"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
@@ -53,6 +57,31 @@ class UptrainConfig:
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+
+    def check_kd_loss(self) -> None:
+        """A subclass with a ``kd_loss`` field: it must name one of KD_LOSSES."""
+        if self.kd_loss not in KD_LOSSES:
+            raise self.config_error(
+                f"{self.config_key}.kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise cls.config_error(f"unknown {cls.config_key} keys: {unknown}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class UptrainConfig(TrainingSettings):
+    """Uptraining hyperparameters. The defaults are this suite's (small, for the smoke scale); the
+    paper's values (Appendix E: AdamW, lr 2e-4, cosine, warmup 200 / 800 steps, context 2048,
+    about 2M tokens per step) are set in config/paper.yaml."""
+
     kd_loss: str = field(default="forward_kl", metadata={"help": f"one of {KD_LOSSES}"})
     kd_weight: float = field(default=0.0, metadata={"help": "w in (1-w)*LM + w*KD; 0 = no teacher"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD loss"})
@@ -67,32 +96,52 @@ class UptrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in ("steps", "checkpoint_every") else 1):
                 raise DistillConfigError(f"uptrain.{name} must be a positive integer, got {value!r}")
-        if self.kd_loss not in KD_LOSSES:
-            raise DistillConfigError(f"uptrain.kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
+        self.check_kd_loss()
         if not 0.0 <= self.kd_weight <= 1.0:
             raise DistillConfigError(f"uptrain.kd_weight must lie in [0, 1], got {self.kd_weight}")
         if self.precision not in ("fp32", "bf16"):
             raise DistillConfigError(f"uptrain.precision must be fp32 or bf16, got {self.precision!r}")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UptrainConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DistillConfigError(f"unknown uptrain keys: {unknown}")
-        return cls(**data)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def lr_factor(step: int, cfg: UptrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainingSettings) -> float:
     """Multiplier of the peak lr at ``step``: linear warmup, then cosine to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(
+    model: nn.Module, cfg: TrainingSettings
+) -> tuple[list[nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The trainable parameters of ``model``, AdamW over them (weight decay on matrices, none on
+    biases and norms) and its lr schedule (``lr_factor``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return params, optimizer, scheduler
+
+
+def next_batch(batches: Iterator[torch.Tensor], device, step: int, cfg: TrainingSettings) -> torch.Tensor:
+    """The next batch on ``device``; a corpus that runs out is the config's one-line error."""
+    try:
+        return next(batches).to(device)
+    except StopIteration:
+        raise cfg.config_error(f"corpus ran out after {step} steps (need {cfg.steps})") from None
+
+
+def optimizer_step(params, optimizer, scheduler, cfg: TrainingSettings) -> None:
+    """Clip the gradients (unless ``max_grad_norm`` is 0), then step the optimizer and the lr."""
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -119,14 +168,7 @@ def train_causal_lm(
         raise DistillConfigError("kd_weight > 0 needs a teacher model")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    params, optimizer, scheduler = adamw_with_schedule(model, cfg)
     # bf16 autocast runs on CUDA only; elsewhere the run trains in fp32 and its stats say so.
     precision = "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"
     bf16 = precision == "bf16"
@@ -152,10 +194,7 @@ def train_causal_lm(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            try:
-                input_ids = next(batches).to(device)
-            except StopIteration:
-                raise DistillConfigError(f"corpus ran out after {step} steps (need {cfg.steps})") from None
+            input_ids = next_batch(batches, device, step, cfg)
             with autocast:
                 logits = model(input_ids=input_ids).logits
                 lm = causal_lm_loss(logits, input_ids)
@@ -168,10 +207,7 @@ def train_causal_lm(
             loss.backward()
             step_loss += loss.item()
             tokens += input_ids.numel()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(params, optimizer, scheduler, cfg)
         losses.append(step_loss)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - start

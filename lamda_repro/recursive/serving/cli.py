@@ -13,49 +13,23 @@ import json
 import sys
 from pathlib import Path
 
+from lamda_repro.recursive.cli_common import add_common_args, load_section, setup_threads, write_job_record
+
 
 def _section(args) -> dict:
-    from lamda_repro.recursive.runner import resolve_section
     from lamda_repro.recursive.serving.config import resolve_serving
 
-    if args.section_json:
-        section = resolve_section(json.loads(args.section_json))
-    else:
-        from lamda_repro.config import load_config
-
-        section = resolve_section(load_config(*args.config).get("recursive"))
+    section = load_section(args)
     resolve_serving(section)
     return section
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", nargs="+", help="config YAML file(s); later ones override earlier")
-    source.add_argument("--section-json", help="the recursive: section as a JSON string")
-    parser.add_argument("--workdir", default="work", help="artifact root (default: work)")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    add_common_args(parser)
     parser.add_argument("--out", required=True, help="record path")
     parser.add_argument(
         "--keep-going", action="store_true", help="exit 0 when the job failed (record says so)"
     )
-
-
-def _setup(args) -> None:
-    from lamda_repro.measure import set_threads
-
-    set_threads(args.threads)
-
-
-def _write(args, record) -> int:
-    from lamda_repro.results import write_record
-
-    write_record(args.out, record)
-    if record["status"] != "success":
-        print(f"{record['run_id']} failed: {record['error']}", file=sys.stderr)
-        return 0 if args.keep_going else 1
-    print(json.dumps(record["metrics"]))
-    return 0
 
 
 def _reference(path):
@@ -71,9 +45,9 @@ def cmd_early_exit(args) -> int:
     from lamda_repro.recursive.serving.jobs import execute_early_exit
 
     section = _section(args)
-    _setup(args)
+    setup_threads(args)
     record = execute_early_exit(section, args.run, Path(args.workdir), args.source_record, args.device)
-    return _write(args, record)
+    return write_job_record(args, record, record["run_id"])
 
 
 def cmd_serve(args) -> int:
@@ -81,7 +55,7 @@ def cmd_serve(args) -> int:
     from lamda_repro.recursive.serving.report import plot_threshold_sweep, write_serving_table
 
     section = _section(args)
-    _setup(args)
+    setup_threads(args)
     by_run = {}
     for path in args.early_exit_records:
         try:
@@ -93,7 +67,7 @@ def cmd_serve(args) -> int:
             )
             return 2
     record = execute_serving(section, Path(args.workdir), by_run, args.vanilla_record, args.device)
-    status = _write(args, record)
+    status = write_job_record(args, record, record["run_id"])
     if args.table_stem:
         write_serving_table(record, args.table_stem, _reference(args.reference))
     if args.figure:
@@ -122,7 +96,7 @@ def cmd_latency(args) -> int:
     from lamda_repro.recursive.serving.latency import geometry_model, measure_tables
     from lamda_repro.results import env_info, utc_now, write_json_atomic
 
-    _setup(args)
+    setup_threads(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     tables = {}

@@ -155,22 +155,10 @@ def lm_eval_scores(
     kv_policy: str = "copy_state",
 ) -> list[dict[str, float]]:
     """Accuracy per task for each (rule, threshold) of ``settings``, tasks loaded once."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    from lamda_repro.recursive.evaluate import DEFAULT_TASK_METRICS, EvalConfigError, task_manager
+    from lamda_repro.recursive.evaluate import hf_lm, seeded_evaluate, task_manager, task_scores
 
     manager = task_manager(list(tasks), include_path)
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=str(device),
-        prefix_token_id=prefix,
-    )
-    chosen = {**DEFAULT_TASK_METRICS, **(metrics or {})}
+    lm = hf_lm(model, tokenizer, batch_size)
     out = []
     for rule, threshold in settings:
         context = (
@@ -179,26 +167,8 @@ def lm_eval_scores(
             else contextlib.nullcontext()
         )
         with context:
-            result = simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                num_fewshot=num_fewshot,
-                limit=limit,
-                task_manager=manager,
-                bootstrap_iters=0,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                log_samples=False,
-            )
-        scores = {}
-        for task in tasks:
-            key = f"{chosen.get(task, 'acc')},none"
-            if key not in result["results"][task]:
-                raise EvalConfigError(f"task {task} reported no {key!r}")
-            scores[task] = float(result["results"][task][key])
-        out.append(scores)
+            result = seeded_evaluate(lm, tasks, manager, num_fewshot, limit, seed)
+        out.append(task_scores(result, tasks, metrics))
     return out
 
 

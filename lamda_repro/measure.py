@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -96,21 +97,35 @@ def saved_for_backward_bytes(
     if model is not None:
         for t in list(model.parameters()) + list(model.buffers()):
             excluded.add(_storage_key(t))
-    seen: dict[tuple[str, int], int] = {}
+    # storage -> (bytes, the saved tensors on it). A tensor saved by a part of the graph that the
+    # forward pass itself drops (e.g. a weight norm computed and detached) is freed before the
+    # step ends, and the allocator may hand its address to a later storage: only storages with
+    # a saved tensor still alive at the end count, and a dead entry never hides a new storage
+    # at the same address (otherwise the count depends on where the allocator put things).
+    seen: dict[tuple[str, int], tuple[int, list[weakref.ref]]] = {}
+
+    def alive(refs: list[weakref.ref]) -> bool:
+        return any(r() is not None for r in refs)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter) or (t._base is not None and isinstance(t._base, nn.Parameter)):
             return t
         key = _storage_key(t)
-        if key not in excluded and key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
+        if key in excluded:
+            return t
+        entry = seen.get(key)
+        if entry is None or not alive(entry[1]):
+            seen[key] = (t.untyped_storage().nbytes(), [weakref.ref(t)])
+        else:
+            entry[1].append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn()
+    total = sum(nbytes for nbytes, refs in seen.values() if alive(refs))
     if backward:
         loss.backward()
-    return int(sum(seen.values()))
+    return int(total)
 
 
 # -- peak memory ---------------------------------------------------------------------------

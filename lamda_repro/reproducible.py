@@ -19,6 +19,7 @@ from typing import Any
 # Keys whose values are readings of the clock or of the machine (matched against each key name).
 VOLATILE_KEY = re.compile(
     r"time|_at$|_s$|per_s|^peak|latency|speedup|hardware|hostname|tokens_per|throughput_ratio"
+    r"|prediction_error"  # the simulator against measured throughput
 )
 
 

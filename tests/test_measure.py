@@ -82,3 +82,19 @@ def test_peak_memory_on_cpu_sees_a_large_allocation():
     del big
     assert r["peak_kind"] == "cpu_rss"
     assert r["peak_delta_bytes"] >= 48 * 1024 * 1024
+
+
+def test_saved_bytes_count_only_what_the_step_keeps():
+    """A tensor saved by a part of the graph that the forward pass drops is freed before the
+    step ends (and its address may be reused): it does not count, whatever the allocator does."""
+    from lamda_repro.measure import saved_for_backward_bytes
+
+    x = torch.randn(1000, requires_grad=True)
+    y = torch.randn(2000, requires_grad=True)
+
+    def fn():
+        dropped = (x * 2).cos()  # cos saves its input (x * 2); the graph goes with `dropped`
+        del dropped
+        return (y * 3).sin().sum()  # sin saves its input: 2000 floats
+
+    assert saved_for_backward_bytes(fn) == 8000

@@ -173,7 +173,9 @@ def _run_remote(conn: socket.socket, argv: list[str], entry: str) -> int | None:
     env = dict(os.environ)
     env.pop(ENV_SWITCH, None)
     env[ENV_WORKER] = "1"
-    request = {"argv": list(argv), "entry": entry, "env": env, "cwd": os.getcwd()}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    request = {"argv": list(argv), "entry": entry, "env": env, "cwd": os.getcwd(), "umask": umask}
     try:
         _send_msg(conn, request, fds=(0, 1, 2))
         worker = int(_recv_msg(conn)["pid"])
@@ -412,6 +414,7 @@ def _become_worker(request: dict, fds: list[int]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])
+        os.umask(int(request["umask"]))
         os.environ.clear()
         os.environ.update(request["env"])
         argv = list(request["argv"])

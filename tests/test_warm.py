@@ -70,9 +70,13 @@ def test_status_streams_cwd_and_environment_reach_the_worker(server, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     out = tmp_path / "out.txt"
-    proc = _client("warm_entries:report", ["3", "a b"], {**env, "WARM_TEST_MARKER": "x;y"}, work, out)
+    old = os.umask(0o027)  # the client's umask, not the server's, rules the worker's files
+    try:
+        proc = _client("warm_entries:report", ["3", "a b"], {**env, "WARM_TEST_MARKER": "x;y"}, work, out)
+    finally:
+        os.umask(old)
     assert proc.wait(timeout=30) == 3
-    assert out.read_text() == f"cwd={work} marker=x;y argv=['a b']\n"
+    assert out.read_text() == f"cwd={work} marker=x;y argv=['a b'] umask=27\n"
     assert out.with_suffix(".err").read_text() == "to stderr\n"
 
 

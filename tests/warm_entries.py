@@ -9,8 +9,10 @@ import time
 
 
 def report(argv: list[str]) -> int:
-    """Print where and how the worker runs; exit with the status named by argv[0]."""
-    print(f"cwd={os.getcwd()} marker={os.environ.get('WARM_TEST_MARKER')} argv={argv[1:]}")
+    """Print where and how the worker runs (folder, environment, arguments, umask); exit with the
+    status named by argv[0]."""
+    umask = os.umask(0)
+    print(f"cwd={os.getcwd()} marker={os.environ.get('WARM_TEST_MARKER')} argv={argv[1:]} umask={umask:o}")
     print("to stderr", file=sys.stderr)
     return int(argv[0])
 

@@ -12,6 +12,8 @@ status=0
 .venv/bin/ruff format --check --quiet . || status=1
 .venv/bin/lint-imports --no-cache >/dev/null || { .venv/bin/lint-imports --no-cache; status=1; }
 .venv/bin/deptry . >/dev/null 2>&1 || { .venv/bin/deptry .; status=1; }
+# Snakemake's own linter on the workflow (rules, paths, parameters): no lints.
+.venv/bin/snakemake --lint >/dev/null 2>&1 || { .venv/bin/snakemake --lint; status=1; }
 group() {  # pytest exits 5 when a group has no tests: that is not a failure
   .venv/bin/python -m pytest -q -m "$1" "${@:2}"
   rc=$?

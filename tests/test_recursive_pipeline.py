@@ -9,7 +9,14 @@ from lamda_repro.recursive import corpus
 from lamda_repro.recursive.convert import convert_to_recursive
 from lamda_repro.recursive.evaluate import EvalConfigError, lm_eval_accuracy, perplexity
 from lamda_repro.recursive.report import plot_accuracy_vs_params, records_frame, write_table
-from lamda_repro.recursive.runner import build_variant, resolve_section, run_teacher, uptrain_config
+from lamda_repro.recursive.runner import (
+    build_variant,
+    resolve_section,
+    run_artifacts,
+    run_job_inputs,
+    run_teacher,
+    uptrain_config,
+)
 from lamda_repro.recursive.tiny import tiny_causal_lm
 
 
@@ -130,6 +137,10 @@ def test_budgets_name_uptraining_settings_and_runs_name_their_teacher():
     up = uptrain_config(section, student)
     assert (up.steps, up.kd_weight, up.lr) == (5, 0.5, 0.1)  # section < budget < the run's own overrides
     assert run_teacher(section, "tiny--student") == "tiny--full" and run_teacher(section, "tiny--rrt") is None
+    # the workflow job of a student waits for its teacher's record; others only for artifacts
+    student_inputs = run_job_inputs(section, "tiny--student", "w", "r")
+    assert student_inputs[-1] == "r/runs/recursive/tiny--full.json"
+    assert run_job_inputs(section, "tiny--rrt", "w", "r") == run_artifacts(section, "tiny--rrt", "w")
 
 
 def _teacher_of(name, **teacher_run):

@@ -390,6 +390,16 @@ def run_teacher(section: dict[str, Any], rid: str) -> str | None:
     return f"{run['model']}--{run['teacher']}" if run.get("teacher") is not None else None
 
 
+def run_job_inputs(section: dict[str, Any], rid: str, workdir: str | Path, results: str | Path) -> list[str]:
+    """The inputs of the run's workflow job: its artifacts and, for a run that names a teacher,
+    the teacher's record (so the teacher runs first; its saved model is read from the workdir)."""
+    inputs = run_artifacts(section, rid, workdir)
+    teacher = run_teacher(section, rid)
+    if teacher is not None:
+        inputs.append(f"{results}/runs/recursive/{teacher}.json")
+    return inputs
+
+
 def uptrain_config(section: dict[str, Any], run: dict[str, Any]) -> UptrainConfig | None:
     """The run's uptraining settings, or None when the run is not uptrained.
 

@@ -36,7 +36,7 @@ rule bench:
             sizes={k: BENCH[b] for k, b in (("mem_mb", "mem_mb"), ("runtime", "runtime_min")) if b in BENCH},
         ),
     log:
-        LOGS + "/bench/lamda_bench.log",
+        f"{LOGS}/bench/lamda_bench.log",
     conda:
         "../../environment.yml"
     shell:

@@ -9,7 +9,7 @@ rule prepare_data:
         entry=lambda w: json.dumps(CFG["data"][w.dataset], sort_keys=True),
         out_dir=lambda w: f"{WORKDIR}/data/{w.dataset}",
     log:
-        LOGS + "/prepare_data/{dataset}.log",
+        f"{LOGS}/prepare_data/{{dataset}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -26,7 +26,7 @@ rule build_model:
         workdir=lambda w, output: Path(output[0]).parents[2],
     threads: max(1, CFG["threads"])
     log:
-        LOGS + "/build_model/{model}.log",
+        f"{LOGS}/build_model/{{model}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -49,7 +49,7 @@ rule finetune:
     resources:
         **finetune_resources(),
     log:
-        LOGS + "/finetune/{experiment}/{task}/{model}/{method}/seed{seed}.log",
+        f"{LOGS}/finetune/{{experiment}}/{{task}}/{{model}}/{{method}}/seed{{seed}}.log",
     conda:
         "../../environment.yml"
     shell:

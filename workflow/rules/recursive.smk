@@ -8,7 +8,7 @@ from lamda_repro.recursive.runner import (
     relaxed_models,
     resolve_section,
     run_artifacts,
-    run_teacher,
+    run_job_inputs,
 )
 from lamda_repro.recursive.runner import run_id as recursive_run_id
 
@@ -53,7 +53,7 @@ rule recursive_corpus:
         section=REC_JSON,
         workdir=lambda w, output: Path(output[0]).parents[2],
     log:
-        LOGS + "/recursive/corpus.log",
+        f"{LOGS}/recursive/corpus.log",
     conda:
         "../../environment.yml"
     shell:
@@ -75,7 +75,7 @@ rule recursive_pretrain:
     resources:
         **job_resources(CFG, "recursive_pretrain"),
     log:
-        LOGS + "/recursive/pretrain/{rec_model}.log",
+        f"{LOGS}/recursive/pretrain/{{rec_model}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -84,19 +84,9 @@ rule recursive_pretrain:
         " --threads {threads:q} > {log:q} 2>&1"
 
 
-def recursive_run_inputs(wildcards):
-    """The run's artifacts and, for a run that names a teacher, the teacher's record (so the
-    teacher runs first; its saved model is read from the workdir)."""
-    inputs = run_artifacts(REC, wildcards.rec_run, WORKDIR)
-    teacher = run_teacher(REC, wildcards.rec_run)
-    if teacher is not None:
-        inputs.append(f"{RESULTS}/runs/recursive/{teacher}.json")
-    return inputs
-
-
 rule recursive_run:
     input:
-        recursive_run_inputs,
+        lambda w: run_job_inputs(REC, w.rec_run, WORKDIR, RESULTS),
     output:
         f"{RESULTS}/runs/recursive/{{rec_run}}.json",
     params:
@@ -108,7 +98,7 @@ rule recursive_run:
     resources:
         **job_resources(CFG, "recursive_run"),
     log:
-        LOGS + "/recursive/run/{rec_run}.log",
+        f"{LOGS}/recursive/run/{{rec_run}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -132,7 +122,7 @@ rule recursive_relax_error:
     resources:
         **job_resources(CFG, "recursive_relax_error"),
     log:
-        LOGS + "/recursive/relax_error/{rec_model}.log",
+        f"{LOGS}/recursive/relax_error/{{rec_model}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -151,7 +141,7 @@ rule recursive_table:
     params:
         stem=lambda w, output: output.md[: -len(".md")],
     log:
-        LOGS + "/recursive/table.log",
+        f"{LOGS}/recursive/table.log",
     conda:
         "../../environment.yml"
     shell:

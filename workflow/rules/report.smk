@@ -11,11 +11,12 @@ rule aggregate:
         _reported(report_outputs()),
     params:
         families=",".join(families()),
-        runs_dir=f"{RESULTS}/runs",
-        bench_dir=f"{RESULTS}/bench",
-        out=RESULTS,
+        # folders derived from the results folder (functions, so that no path prefix is hard-coded)
+        runs_dir=lambda w: f"{RESULTS}/runs",
+        bench_dir=lambda w: f"{RESULTS}/bench",
+        out=lambda w: RESULTS,
     log:
-        LOGS + "/aggregate.log",
+        f"{LOGS}/aggregate.log",
     conda:
         "../../environment.yml"
     shell:
@@ -36,7 +37,7 @@ rule report_pages:
     output:
         _reported(REPORT_PAGES),
     log:
-        LOGS + "/report_pages.log",
+        f"{LOGS}/report_pages.log",
     conda:
         "../../environment.yml"
     shell:

@@ -39,7 +39,7 @@ rule recursive_early_exit:
     resources:
         **job_resources(CFG, "recursive_early_exit"),
     log:
-        LOGS + "/recursive/early_exit/{ee_run}.log",
+        f"{LOGS}/recursive/early_exit/{{ee_run}}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -68,7 +68,7 @@ rule recursive_serve:
     resources:
         **job_resources(CFG, "recursive_serve"),
     log:
-        LOGS + "/recursive/serving.log",
+        f"{LOGS}/recursive/serving.log",
     conda:
         "../../environment.yml"
     shell:

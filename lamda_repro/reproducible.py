@@ -2,11 +2,11 @@
 
 Every random draw of the suite takes its seed from the run's spec, so two runs of the workflow
 (two fresh processes per job, or two machines of the same kind) must write the same records,
-apart from what is measured on the clock or the machine: times, dates, throughput, latency,
-memory readings (peaks; the exact byte counts of parameters, gradients, optimizer state and
-saved activations are compared) and the hardware block. ``lamda-repro compare-records A B``
-prints one line per difference; the workflow tests run the whole smoke workflow twice and
-require none.
+apart from what is measured on the clock or the machine: times, dates, throughput, latency (and
+the serving simulator's predictions made from this run's latency tables), memory readings (peaks;
+the exact byte counts of parameters, gradients, optimizer state and saved activations are
+compared) and the hardware block. ``lamda-repro compare-records A B`` prints one line per
+difference; the workflow tests run the whole smoke workflow twice and require none.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 # Keys whose values are readings of the clock or of the machine (matched against each key name).
 VOLATILE_KEY = re.compile(
     r"time|_at$|_s$|per_s|^peak|latency|speedup|hardware|hostname|tokens_per|throughput_ratio"
-    r"|prediction_error"  # the simulator against measured throughput
+    # the serving benchmark: throughput measured in this run, and what the simulator predicts
+    # from the latency tables measured in this run (and its error against the measurement)
+    r"|^measured|^simulated|vs_vanilla|prediction_error"
 )
 
 

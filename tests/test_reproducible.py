@@ -15,6 +15,7 @@ RECORD = {
     "started_at": "2026-12-02T10:00:00+00:00",
     "env": {"hardware": {"platform": "host-a"}, "git_revision": "abc"},
     "loops": [{"loop": 1, "share": 0.25, "latency_ms": 3.0}],
+    "results": [{"scheduler": "cdb", "measured_repeats": [10.0], "simulated_vs_vanilla_static": 1.5}],
 }
 
 
@@ -45,6 +46,8 @@ def test_readings_of_clock_and_machine_may_differ(tmp_path):
             "started_at": "later",
             "env.hardware.platform": "host-b",
             "loops.0.latency_ms": 9.0,
+            "results.0.measured_repeats": [11.0],
+            "results.0.simulated_vs_vanilla_static": 1.6,
         }
     )
     _write(tmp_path / "b", "x/r.json", changed)
@@ -58,6 +61,7 @@ def test_results_and_exact_counts_may_not(tmp_path):
         ({"memory.grad_bytes": 65}, ".memory.grad_bytes (64 vs 65)"),
         ({"throughput.train_steps": 63}, ".throughput.train_steps (64 vs 63)"),
         ({"loops.0.share": 0.5}, ".loops[0].share (0.25 vs 0.5)"),
+        ({"results.0.scheduler": "csb"}, ".results[0].scheduler ('cdb' vs 'csb')"),
         ({"env.git_revision": "abd"}, ".env.git_revision ('abc' vs 'abd')"),
     ]:
         _write(tmp_path / "b", "r.json", _variant(**change))

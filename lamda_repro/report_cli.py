@@ -168,8 +168,9 @@ def _checks_finding(outcomes, frame) -> dict[str, str]:
     return {
         "id": "lamda_vs_lora_tolerances",
         "finding": "LaMDA against LoRA (equal rank) and full fine-tuning, per run, with the stated "
-        "tolerances of `tables/smoke_checks.md` (within 5 points of LoRA, 10 of full FT; fewer "
-        "trainable parameters, updates and saved activations than LoRA)",
+        f"tolerances of `tables/smoke_checks.md` (within {tables.LAMDA_VS_LORA_TOLERANCE:g} points of "
+        f"LoRA, {tables.VS_FULL_MARGIN:g} of full FT; fewer trainable parameters, updates and saved "
+        "activations than LoRA)",
         "this suite": tables.smoke_checks_summary(outcomes),
         "scale": scales,
     }

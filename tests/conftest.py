@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before transformers / datasets are imported anywhere: no Hub access in tests.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ[_var] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lamda-repro-hf-"))
+
+
+def _private_dir(var: str, prefix: str) -> None:
+    """Point `var` at a fresh temporary folder, removed when the test process exits (unless the
+    caller set `var` already: then it is theirs to keep)."""
+    if var not in os.environ:
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.environ[var] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_private_dir("HF_HOME", "lamda-repro-hf-")
 # Hypothesis keeps its caches here rather than in .hypothesis/ of the checkout.
-os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="lamda-repro-hypothesis-"))
+_private_dir("HYPOTHESIS_STORAGE_DIRECTORY", "lamda-repro-hypothesis-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

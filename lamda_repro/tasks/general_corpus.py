@@ -4,9 +4,11 @@ A stand-in for a web-scale pretraining corpus: documents of short sentences abou
 world (people and towns, restaurants, animals, counting, sums, copying), written with templates
 of their own. The fine-tuning data sets (``smoke_generators``) speak about the same world with
 other templates, so a model pretrained here knows the words, the facts and the skills (copying,
-counting, adding) and fine-tuning only has to teach the task's format: the situation in which
-parameter-efficient methods are meant to work. No task example (an XSum document with its
-summary, an E2E record with its reference, a GSM8K problem) occurs in the corpus.
+counting, adding, writing prose from a listing of a place's attributes) and fine-tuning only has
+to teach the task's format: the situation in which parameter-efficient methods are meant to
+work. No task example (an XSum document with its summary, an E2E record with its reference, a
+GSM8K problem) occurs in the corpus; the place listings (``listing : name[...], ...``) borrow
+E2E's attribute notation, but the prose after them is written with the corpus's own sentences.
 
 The sentences of kinds ``facts``, ``count`` and ``copy`` are those of the Recursive
 Transformers stage's smoke corpus, whose multiple-choice tasks (``recursive/corpus.py``) ask for
@@ -126,7 +128,35 @@ def _people(rng: random.Random) -> str:
     )
 
 
+_PROFILE_SENTENCES = {
+    "eatType": "{name} is known as a {value} .",
+    "food": "the menu of {name} is {value} .",
+    "priceRange": "prices at {name} are {value} .",
+    "customer rating": "the rating of {name} is {value} .",
+    "area": "{name} is in the {value} area .",
+    "familyFriendly": "children at {name} : {value} .",
+    "near": "{name} is close to {value} .",
+}
+
+
+def _place_profile(rng: random.Random) -> str:
+    """A listing of one place followed by sentences about that same place, in shuffled order.
+
+    The data-to-text skill (copy each listed value into prose) in the corpus's own templates, as
+    web pages pair an info box with text about it; E2E's references are written otherwise.
+    """
+    v = {k: rng.choice(vals) for k, vals in sg._E2E_VALUES.items()}
+    slots = rng.sample(sorted(_PROFILE_SENTENCES), rng.randint(2, 5))
+    listed = ["name", *[s for s in sg._E2E_VALUES if s in slots]]
+    listing = ", ".join(f"{s}[{v[s]}]" for s in listed)
+    rng.shuffle(slots)
+    prose = [_PROFILE_SENTENCES[s].format(name=v["name"], value=v[s]) for s in slots]
+    return f"listing : {listing} . " + " ".join(prose)
+
+
 def _places(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return _place_profile(rng)
     v = {k: rng.choice(vals) for k, vals in sg._E2E_VALUES.items()}
     return rng.choice(
         [

@@ -104,7 +104,7 @@ def test_two_smoke_runs_write_the_same_records(smoke_run, second_smoke_run):
     first, second = (root / "results" / "runs" for root in (smoke_run, second_smoke_run))
     count, problems = compare_record_trees(first, second)
     assert not problems, "\n".join(problems)
-    # 27 fine-tuning, 17 recursive, 2 early-exit records and the serving one in the smoke config
+    # 21 fine-tuning, 17 recursive, 2 early-exit records and the serving one in the smoke config
     assert count == len(list(first.rglob("*.json"))) == len(list(second.rglob("*.json"))) >= 40
 
 
@@ -164,6 +164,25 @@ def test_deleting_one_record_reruns_only_that_run_and_aggregation(smoke_run):
     proc = snakemake(smoke_run, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records[0].exists()
+
+
+def test_the_documented_override_adds_the_other_baselines_to_a_finished_smoke_run(smoke_run):
+    """config/README.md: one --config value adds the six non-claim baselines to the nlu
+    experiment; after a smoke run only those runs and the aggregation are left to do."""
+    cfg = yaml.safe_load((smoke_run / "config" / "config.yaml").read_text())
+    command = next(
+        line.strip()
+        for line in (smoke_run / "config" / "README.md").read_text().splitlines()
+        if line.strip().startswith("snakemake --cores 2 --config 'experiments={nlu:")
+    )
+    value = command.split("--config ", 1)[1].strip("'")
+    methods = yaml.safe_load(value)["experiments"]["nlu"]["methods"]
+    added = [m for m in methods if m not in cfg["experiments"]["nlu"]["methods"]]
+    assert len(added) == 6 and all(m in cfg["methods"] for m in added), added
+    proc = snakemake(smoke_run, "-n", "--cores", "2", "--config", value)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _jobs(proc.stdout + proc.stderr)
+    assert jobs == {"finetune": 6, "aggregate": 1, "report_pages": 1, "all": 1}, jobs
 
 
 def test_tests_reading_the_checkout_pass_after_a_smoke_run_left_its_outputs(smoke_run):

@@ -12,12 +12,19 @@ a known schema version, and sit at the path its spec names (lamda_repro.results.
 With ``--families`` the set of files written is fixed in advance (``aggregate_outputs``), so the
 workflow can list them as outputs; a family without records still gets its table ("no runs yet")
 and its figures. The same records give byte-identical files.
+
+With ``--workers N`` (N > 1) the figures (most of the command's time: matplotlib) are drawn in
+N forked processes while this one writes the tables and the ledger (a few seconds); the files
+are the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from lamda_repro.results import find_records, load_records, stale_records, write_text_atomic
@@ -69,11 +76,15 @@ def aggregate(
     out: str | Path,
     families: list[str] | None = None,
     records: list[str | Path] | None = None,
+    workers: int = 1,
 ) -> list[str]:
     """Write every table, figure and the claims ledger; return the paths written.
 
     ``records``: the record files to read (the runs of the config); others below ``runs_dir``
-    are reported as stale on stderr and left out. None: every record below ``runs_dir``."""
+    are reported as stale on stderr and left out. None: every record below ``runs_dir``.
+    ``workers`` > 1: draw the figures in ``workers`` forked processes meanwhile."""
+    if workers < 1:
+        raise AggregateError(f"--workers must be at least 1, got {workers}")
     from lamda_repro import tables
     from lamda_repro.claims import Evidence, claims_markdown, evaluate_claims, load_reference, suite_findings
     from lamda_repro.figures import write_family_figures
@@ -108,7 +119,57 @@ def aggregate(
 
     written = []
     scale_note = _scale_note(frame)
-    for family in [*families, *extra]:
+    all_families = [*families, *extra]
+    # The figures are independent of the tables: with workers, children draw them meanwhile.
+    pool = (
+        ProcessPoolExecutor(min(workers, len(all_families)), mp_context=multiprocessing.get_context("fork"))
+        if workers > 1 and all_families
+        else nullcontext()
+    )
+    with pool:
+        figures = {
+            family: pool.submit(write_family_figures, cells, family, figures_dir)
+            for family in (all_families if workers > 1 else [])
+        }
+        written += _write_tables(
+            tables, cells, frame, reference, all_families, scale_note, figures, figures_dir
+        )
+        checks, outcomes = tables.smoke_checks(cells)
+        written += tables.write_table(
+            checks,
+            tables_dir / "smoke_checks",
+            "LaMDA against LoRA and full fine-tuning",
+            [scale_note, tables.SMOKE_CHECKS_NOTE],
+        )
+        runs_csv = tables_dir / "runs.csv"
+        write_text_atomic(runs_csv, tables.to_csv(frame))
+        written.append(str(runs_csv))
+
+        evidence = Evidence.from_records(records, bench_dir, reference.paper_models)
+        ledger = claims_markdown(
+            evaluate_claims(reference, evidence),
+            bench_note=evidence.bench_note,
+            findings=[*suite_findings(evidence), _checks_finding(outcomes, frame)],
+        )
+        claims_path = out / CLAIMS_FILE
+        write_text_atomic(claims_path, ledger)
+        written.append(str(claims_path))
+        # figure paths in their place (after each family's table), as without workers
+        figure_paths = {family: future.result() for family, future in figures.items()}
+    for family, paths in figure_paths.items():
+        at = written.index(str(tables_dir / f"{family}.{TABLE_FORMATS[-1]}")) + 1
+        written[at:at] = paths
+    return written
+
+
+def _write_tables(tables, cells, frame, reference, families, scale_note, figures, figures_dir) -> list[str]:
+    """Each family's table (and its figures unless ``figures`` draws them elsewhere), then the
+    measurements table."""
+    from lamda_repro.figures import write_family_figures
+
+    tables_dir = figures_dir.parent / TABLES_DIR
+    written = []
+    for family in families:
         table = tables.family_table(cells, family, reference)
         notes = [
             scale_note,
@@ -125,7 +186,8 @@ def aggregate(
         written += tables.write_table(
             table, tables_dir / family, tables.FAMILY_TITLES.get(family, family), notes
         )
-        written += write_family_figures(cells, family, figures_dir)
+        if family not in figures:
+            written += write_family_figures(cells, family, figures_dir)
     written += tables.write_table(
         tables.measurements_table(cells),
         tables_dir / "measurements",
@@ -138,26 +200,6 @@ def aggregate(
             "memory is the allocator peak on CUDA and the process high-water mark on CPU.",
         ],
     )
-    checks, outcomes = tables.smoke_checks(cells)
-    written += tables.write_table(
-        checks,
-        tables_dir / "smoke_checks",
-        "LaMDA against LoRA and full fine-tuning",
-        [scale_note, tables.SMOKE_CHECKS_NOTE],
-    )
-    runs_csv = tables_dir / "runs.csv"
-    write_text_atomic(runs_csv, tables.to_csv(frame))
-    written.append(str(runs_csv))
-
-    evidence = Evidence.from_records(records, bench_dir, reference.paper_models)
-    ledger = claims_markdown(
-        evaluate_claims(reference, evidence),
-        bench_note=evidence.bench_note,
-        findings=[*suite_findings(evidence), _checks_finding(outcomes, frame)],
-    )
-    claims_path = out / CLAIMS_FILE
-    write_text_atomic(claims_path, ledger)
-    written.append(str(claims_path))
     return written
 
 
@@ -186,7 +228,9 @@ def _scale_note(frame) -> str:
 def run_aggregate(args: argparse.Namespace) -> int:
     try:
         families = parse_families(args.families)
-        written = aggregate(args.runs_dir, args.bench_dir, args.reference, args.out, families, args.records)
+        written = aggregate(
+            args.runs_dir, args.bench_dir, args.reference, args.out, families, args.records, args.workers
+        )
     except ValueError as exc:
         print(f"aggregate: {exc}", file=sys.stderr)
         return 2
@@ -220,6 +264,13 @@ def add_cli(subparsers) -> None:
         default=None,
         help="comma-separated fine-tuning families to write tables/figures for "
         f"({','.join(FINETUNE_FAMILIES)}); default: those present in the records",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with more than 1, the figures are drawn in this many forked processes while the "
+        "tables and the ledger are written (default 1: all in this process)",
     )
     p.add_argument(
         "--records",

@@ -589,6 +589,33 @@ def test_aggregate_writes_exactly_the_announced_files_deterministically(tmp_path
     assert "no runs yet" in (tmp_path / "out" / "tables" / "reasoning.md").read_text()
 
 
+def test_aggregate_with_workers_writes_the_same_files_in_the_same_order(tmp_path):
+    _write_runs(tmp_path / "runs")
+    families = ["nlu", "reasoning", "summarization"]
+    args = (tmp_path / "runs", tmp_path / "bench", REFERENCE)
+    alone = aggregate(*args, tmp_path / "one", families)
+    forked = aggregate(*args, tmp_path / "two", families, workers=2)
+    rel = [str(Path(p).relative_to(tmp_path / "one")) for p in alone]
+    assert [str(Path(p).relative_to(tmp_path / "two")) for p in forked] == rel
+    for name in rel:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    with pytest.raises(AggregateError, match="--workers"):
+        aggregate(*args, tmp_path / "zero", families, workers=0)
+
+
+def _broken_figures(cells, family, out_dir):  # module level: a forked worker can unpickle it
+    raise ValueError(f"cannot draw {family}")
+
+
+def test_aggregate_with_workers_reports_a_figure_failure(tmp_path, monkeypatch):
+    import lamda_repro.figures as figures
+
+    monkeypatch.setattr(figures, "write_family_figures", _broken_figures)
+    _write_runs(tmp_path / "runs")
+    with pytest.raises(ValueError, match="cannot draw nlu"):
+        aggregate(tmp_path / "runs", tmp_path / "bench", REFERENCE, tmp_path / "out", ["nlu"], workers=2)
+
+
 def test_aggregate_cli_without_records(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

@@ -15,13 +15,16 @@ rule aggregate:
         runs_dir=lambda w: f"{RESULTS}/runs",
         bench_dir=lambda w: f"{RESULTS}/bench",
         out=lambda w: RESULTS,
+    # the figures are drawn in a second process while the tables are written (the last job of
+    # a run: the other core is free by then)
+    threads: 2
     log:
         f"{LOGS}/aggregate.log",
     conda:
         "../../environment.yml"
     shell:
         "lamda-repro aggregate --runs-dir {params.runs_dir:q} --bench-dir {params.bench_dir:q}"
-        " --reference {input.reference:q} --out {params.out:q} --families {params.families:q}"
+        " --reference {input.reference:q} --out {params.out:q} --families {params.families:q} --workers {threads:q}"
         " --records {input.records:q} {input.recursive:q} {input.serving:q} 2>&1 | tee {log:q}"
 
 

@@ -1,7 +1,7 @@
 """Warm starts for the workflow's local jobs: torch, transformers, peft imported once, not per job.
 
 Every heavy job of the smoke workflow spends ~6-7 s importing torch / transformers / peft /
-datasets before it does anything (about a third of the smoke workflow's CPU time). With warm
+datasets / evaluate before it does anything (about a third of the smoke workflow's CPU time). With warm
 starts on, ``lamda-repro <command>`` does not run the command in its own interpreter: it hands its
 command line, environment, working directory and standard streams (the file descriptors
 themselves, passed over a Unix socket) to a *zygote* server of this user that has those libraries
@@ -43,7 +43,7 @@ from pathlib import Path
 ENV_SWITCH = "LAMDA_REPRO_WARM"
 ENV_DIR = "LAMDA_REPRO_WARM_DIR"  # where the sockets live (default: a folder of this user in /tmp)
 ENV_WORKER = "LAMDA_REPRO_WARM_WORKER"  # set in a worker: never forward again from inside one
-PRELOAD = ("torch", "transformers", "transformers.trainer", "peft", "datasets")
+PRELOAD = ("torch", "transformers", "transformers.trainer", "peft", "datasets", "evaluate")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE")
 # Variables that libraries read when they are imported (a worker cannot change them afterwards).
 _IMPORT_TIME_PREFIXES = (

@@ -176,7 +176,9 @@ def test_the_documented_override_adds_the_other_baselines_to_a_finished_smoke_ru
         if line.strip().startswith("snakemake --cores 2 --config 'experiments={nlu:")
     )
     value = command.split("--config ", 1)[1].strip("'")
-    methods = yaml.safe_load(value)["experiments"]["nlu"]["methods"]
+    key, _, section = value.partition("=")  # Snakemake's KEY=VALUE, the value in YAML
+    assert key == "experiments", value
+    methods = yaml.safe_load(section)["nlu"]["methods"]
     added = [m for m in methods if m not in cfg["experiments"]["nlu"]["methods"]]
     assert len(added) == 6 and all(m in cfg["methods"] for m in added), added
     proc = snakemake(smoke_run, "-n", "--cores", "2", "--config", value)

@@ -120,19 +120,48 @@ def aggregate(
     written = []
     scale_note = _scale_note(frame)
     all_families = [*families, *extra]
-    # The figures are independent of the tables: with workers, children draw them meanwhile.
+    # The figures do not depend on the tables: with workers, forked children draw them meanwhile.
+    drawn = all_families if workers > 1 else []
     pool = (
-        ProcessPoolExecutor(min(workers, len(all_families)), mp_context=multiprocessing.get_context("fork"))
-        if workers > 1 and all_families
+        ProcessPoolExecutor(min(workers, len(drawn)), mp_context=multiprocessing.get_context("fork"))
+        if drawn
         else nullcontext()
     )
     with pool:
-        figures = {
-            family: pool.submit(write_family_figures, cells, family, figures_dir)
-            for family in (all_families if workers > 1 else [])
-        }
-        written += _write_tables(
-            tables, cells, frame, reference, all_families, scale_note, figures, figures_dir
+        figures = {family: pool.submit(write_family_figures, cells, family, figures_dir) for family in drawn}
+        slots = {}  # where each family's figure paths go in `written` (after its table's files)
+        for family in all_families:
+            table = tables.family_table(cells, family, reference)
+            notes = [
+                scale_note,
+                "Rows: methods (`this suite` = seed mean ± std of the run records; `paper` = the "
+                "reference file's numbers, a row only where it holds one, `n/a` for the others). "
+                "Cells: `failed` = a run failed, `—` = no run, `n/a (no Java)` = METEOR could not "
+                "run here. Accuracy-type metrics in percent points; `avg` only when every task "
+                "succeeded (higher-is-better metrics). `ranks` = the LaMDA / LaMDA++ rank histogram "
+                "(rank×matrices).",
+            ]
+            uniform = tables.uniform_allocation_note(cells, family)
+            if uniform:
+                notes.append(uniform)
+            written += tables.write_table(
+                table, tables_dir / family, tables.FAMILY_TITLES.get(family, family), notes
+            )
+            if family in figures:
+                slots[family] = len(written)
+            else:
+                written += write_family_figures(cells, family, figures_dir)
+        written += tables.write_table(
+            tables.measurements_table(cells),
+            tables_dir / "measurements",
+            "Measurements",
+            [
+                scale_note,
+                "`X LoRA/this` = the LoRA run of the same experiment/task/model at the "
+                "same rank divided by this run (higher = this method needs less). Bytes are exact "
+                "(parameters, gradients, optimizer state, activations saved for backward); peak "
+                "memory is the allocator peak on CUDA and the process high-water mark on CPU.",
+            ],
         )
         checks, outcomes = tables.smoke_checks(cells)
         written += tables.write_table(
@@ -154,52 +183,9 @@ def aggregate(
         claims_path = out / CLAIMS_FILE
         write_text_atomic(claims_path, ledger)
         written.append(str(claims_path))
-        # figure paths in their place (after each family's table), as without workers
-        figure_paths = {family: future.result() for family, future in figures.items()}
-    for family, paths in figure_paths.items():
-        at = written.index(str(tables_dir / f"{family}.{TABLE_FORMATS[-1]}")) + 1
-        written[at:at] = paths
-    return written
-
-
-def _write_tables(tables, cells, frame, reference, families, scale_note, figures, figures_dir) -> list[str]:
-    """Each family's table (and its figures unless ``figures`` draws them elsewhere), then the
-    measurements table."""
-    from lamda_repro.figures import write_family_figures
-
-    tables_dir = figures_dir.parent / TABLES_DIR
-    written = []
-    for family in families:
-        table = tables.family_table(cells, family, reference)
-        notes = [
-            scale_note,
-            "Rows: methods (`this suite` = seed mean ± std of the run records; `paper` = the "
-            "reference file's numbers, a row only where it holds one, `n/a` for the others). "
-            "Cells: `failed` = a run failed, `—` = no run, `n/a (no Java)` = METEOR could not "
-            "run here. Accuracy-type metrics in percent points; `avg` only when every task "
-            "succeeded (higher-is-better metrics). `ranks` = the LaMDA / LaMDA++ rank histogram "
-            "(rank×matrices).",
-        ]
-        uniform = tables.uniform_allocation_note(cells, family)
-        if uniform:
-            notes.append(uniform)
-        written += tables.write_table(
-            table, tables_dir / family, tables.FAMILY_TITLES.get(family, family), notes
-        )
-        if family not in figures:
-            written += write_family_figures(cells, family, figures_dir)
-    written += tables.write_table(
-        tables.measurements_table(cells),
-        tables_dir / "measurements",
-        "Measurements",
-        [
-            scale_note,
-            "`X LoRA/this` = the LoRA run of the same experiment/task/model at the "
-            "same rank divided by this run (higher = this method needs less). Bytes are exact "
-            "(parameters, gradients, optimizer state, activations saved for backward); peak "
-            "memory is the allocator peak on CUDA and the process high-water mark on CPU.",
-        ],
-    )
+        # the last slot first, so that the earlier ones keep their index
+        for family in reversed(drawn):
+            written[slots[family] : slots[family]] = figures[family].result()
     return written
 
 

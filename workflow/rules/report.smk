@@ -15,8 +15,8 @@ rule aggregate:
         runs_dir=lambda w: f"{RESULTS}/runs",
         bench_dir=lambda w: f"{RESULTS}/bench",
         out=lambda w: RESULTS,
-    # the figures are drawn in a second process while the tables are written (the last job of
-    # a run: the other core is free by then)
+    # the figures are drawn in two forked processes while the tables are written (the last job
+    # of a run: both cores are free by then)
     threads: 2
     log:
         f"{LOGS}/aggregate.log",

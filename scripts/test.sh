@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite, in four groups: fast unit tests, slower checks on real weights (slow), the
-# smoke workflow end to end through Snakemake (workflow), and a reduced workflow through a real
+# The test suite, in six groups: fast unit tests, the loading code on local replicas of the Hub
+# repositories of the paper config (hub), several processes on CPU (distributed), slower checks on
+# real weights (slow), the smoke workflow end to end through Snakemake (workflow), and a reduced workflow through a real
 # SLURM cluster on this machine (cluster). All run offline on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,9 @@ group() {  # pytest exits 5 when a group has no tests: that is not a failure
   rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; fi
 }
-group "not slow and not workflow and not cluster"
+group "not slow and not workflow and not cluster and not distributed and not hub"
+group "hub"
+group "distributed"
 group "slow"
 group "workflow"
 # The workflow through a real single-node SLURM cluster (scripts/local_slurm.sh installs and starts

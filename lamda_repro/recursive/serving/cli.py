@@ -158,7 +158,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "recursive-serving-latency", help="latency tables of one layer of a published geometry -> JSON"
     )
-    p.add_argument("--geometry", required=True, help="gemma-2b | tinyllama-1.1b")
+    p.add_argument("--geometry", required=True, help="gemma-2b | tinyllama-1.1b | tiny")
     p.add_argument(
         "--context", type=int, default=1536, help="KV length of the timed calls (default 512 + 2048/2)"
     )

@@ -8,7 +8,8 @@
     every served run: memory-bound batch, latency tables, the real engine on the workload with
     every scheduler (with and without early exit; repeated, interleaved, median), the simulator
     on the same inputs (prediction error), the simulated threshold sweep, and the paper-scale
-    estimate from the configured latency-table file.
+    estimates: on the configured latency-table file, and on the roofline model of each configured
+    accelerator (roofline.py).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ element size, weights = non-embedding parameters (from the geometry's config) + 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lamda_repro.recursive.counts import non_embedding_counts
@@ -42,14 +43,19 @@ def model_tables(layer: LatencyTables, layers_per_call: int, num_loops: int) -> 
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _counts(geometry: str, num_loops: int, rank: int | None) -> dict[str, Any]:
+    """non_embedding_counts of a published geometry (it builds the layer on the meta device: cached)."""
+    return non_embedding_counts(geometry_config(geometry), num_loops, rank)
+
+
 def paper_models(geometry: str, num_loops: int, lora_ranks: list[int], element_bytes: int) -> dict[str, Any]:
     """Parameter counts and weight bytes of the vanilla, recursive and relaxed models."""
     geo = GEOMETRIES[geometry]
-    config = geometry_config(geometry)
     embedding = geo["vocab_size"] * geo["hidden_size"] * (1 if geo["tie_word_embeddings"] else 2)
     out = {}
     for rank in [None, *lora_ranks]:
-        counts = non_embedding_counts(config, num_loops, rank)
+        counts = _counts(geometry, num_loops, rank)
         if rank is None:
             out["vanilla"] = {"non_embedding": counts["vanilla"], "loops": 1}
             out["recursive"] = {"non_embedding": counts["recursive"], "loops": num_loops}

@@ -179,7 +179,7 @@ def run_gpu_check(
 
     dev = pick_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("gpu check: --device cuda but no CUDA device is visible")
+        raise RuntimeError("--device cuda, but no CUDA device is visible (on a CPU: --tiny --device cpu)")
     torch_dtype = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     settings = TINY_SETTINGS if tiny else GPU_SETTINGS
     out_dir = Path(out_dir)

@@ -119,8 +119,11 @@ def recursive(
     }
 
 
-def serving_record(measured=None, estimate=None, latency_device="cpu (x86)", scale="smoke", status="success"):
-    """A serving record as lamda_repro/recursive/serving/jobs.py writes it (the fields the rule reads)."""
+def serving_record(
+    measured=None, estimate=None, latency_device="cpu (x86)", scale="smoke", status="success", roofline=None
+):
+    """A serving record as lamda_repro/recursive/serving/jobs.py writes it (the fields the rule reads);
+    ``roofline``: {accelerator key: speedup} of the roofline estimates."""
     metrics = {}
     if measured is not None:
         metrics = {"cdb_exit_speedup_measured": measured, "cdb_exit_speedup_simulated": measured}
@@ -140,6 +143,22 @@ def serving_record(measured=None, estimate=None, latency_device="cpu (x86)", sca
         "metrics": metrics if status == "success" else {},
         "throughput": {"device": "cpu (x86)"},
         **({"paper_estimate": paper} if estimate is not None else {}),
+        **(
+            {
+                "paper_roofline": [
+                    {
+                        "speedup_cdb_exit_vs_vanilla_static": x,
+                        "accelerator": {"key": key, "name": key.upper()},
+                        "geometry": "gemma-2b",
+                        "speedup_model": "recursive",
+                        "exit_distribution_source": "oracle",
+                    }
+                    for key, x in roofline.items()
+                ]
+            }
+            if roofline
+            else {}
+        ),
     }
 
 
@@ -684,6 +703,13 @@ def test_bench_file_written_by_the_lamda_bench_is_read():
         (serving_record(measured=1.4, estimate=1.5, latency_device="NVIDIA A100"), "paper (simulated)",
          claims.VERDICT_NOT_REPRODUCED),
         (serving_record(measured=2.7, scale="paper"), "paper (measured)", claims.VERDICT_REPRODUCED),
+        (serving_record(measured=1.4, estimate=1.75, roofline={"a100-40gb": 2.1, "h100-sxm": 1.5}),
+         "paper (roofline estimate)", claims.VERDICT_REPRODUCED),
+        (serving_record(measured=1.4, roofline={"h100-sxm": 2.5, "a100-40gb": 1.7}),
+         "paper (roofline estimate)", claims.VERDICT_NOT_REPRODUCED),
+        (serving_record(measured=1.4, roofline={"h100-sxm": 2.5}), "smoke (measured)", claims.VERDICT_SMOKE),
+        (serving_record(measured=1.4, estimate=2.5, latency_device="NVIDIA A100",
+                        roofline={"a100-40gb": 1.7}), "paper (simulated)", claims.VERDICT_REPRODUCED),
         (serving_record(measured=1.4, status="failed"), "—", claims.VERDICT_NOT_RUN),
     ],
 )  # fmt: skip
@@ -695,3 +721,6 @@ def test_throughput_claim_reads_the_serving_record(reference, record, scale, ver
         assert ("not a GPU estimate" in row["this suite"]) == (
             "cpu" in record["paper_estimate"]["latency_device"]
         )
+    for estimate in record.get("paper_roofline", []):
+        name = estimate["accelerator"]["name"]
+        assert f"roofline estimate at paper geometry (gemma-2b, recursive, {name}" in row["this suite"]

@@ -37,7 +37,9 @@ def test_the_smoke_config_serves_a_recursive_and_a_relaxed_run(smoke):
     run = next(r for r in section["runs"] if r["name"] == "rt-stepwise")
     cfg = early_exit_config(section, run)
     assert cfg.intermediate_weight == 0.1 and cfg.final_weight == 1.0 and cfg.steps == 40
-    assert latency_table_path(serving["paper_estimate"]["latency_tables"]).is_file()
+    assert serving["paper_estimate"]["roofline"] == ["a100-40gb", "h100-sxm"]
+    assert serving["paper_estimate"]["latency_tables"] is None  # the smoke's estimate is the roofline
+    assert latency_table_path("results/reference/latency/gemma-2b.cpu.json").is_file()
 
 
 def _set(path, value):
@@ -83,6 +85,8 @@ BAD = [
     ),
     (_set(["serving", "memory_budget_mb"], -1), S + r"memory_budget_mb: must be > 0"),
     (_set(["serving", "paper_estimate", "latency_tables"], ""), S + r"paper_estimate\.latency_tables"),
+    (_set(["serving", "paper_estimate", "roofline"], ["tpu-v9"]), S + r"paper_estimate\.roofline"),
+    (_set(["serving", "paper_estimate", "roofline"], []), S + r"paper_estimate: needs latency_tables"),
 ]
 
 

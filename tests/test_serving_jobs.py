@@ -71,6 +71,8 @@ SECTION = {
         "latency": {"repeats": 1, "warmup": 0},
         "paper_estimate": {
             "latency_tables": "results/reference/latency/gemma-2b.cpu.json",
+            "roofline": ["a100-40gb"],
+            "lora_ranks": [64],
             "workload": {"num_requests": 20, "prompt_len": 512, "gen_len": 16},
         },
     },
@@ -116,7 +118,11 @@ def test_early_exit_and_serving_jobs_write_their_records(setup, tmp_path):
     assert serving["metrics"]["cdb_exit_speedup_measured"] > 0
     json.dumps(serving)  # a plain JSON record
     frame = write_serving_table(serving, tmp_path / "serving")
-    assert len(frame) == len(rows) + len(serving["paper_estimate"]["rows"])
+    (roofline,) = serving["paper_roofline"]
+    assert roofline["accelerator"]["key"] == "a100-40gb" and roofline["estimate"] == "roofline estimate"
+    speedup = roofline["speedup_cdb_exit_vs_vanilla_static"]
+    assert serving["metrics"]["paper_roofline_speedup_a100_40gb"] == speedup
+    assert len(frame) == len(rows) + len(serving["paper_estimate"]["rows"]) + len(roofline["rows"])
 
 
 def test_a_missing_model_folder_fails_the_job_with_its_reason(setup, tmp_path):

@@ -179,6 +179,6 @@ def serving_inputs(wildcards):
         "artifacts": run_artifacts(REC, SERVING["vanilla"], WORKDIR),
         "reference": REFERENCE,
     }
-    if SERVING["paper_estimate"]:
+    if SERVING["paper_estimate"] and SERVING["paper_estimate"]["latency_tables"]:  # a roofline needs no file
         inputs["latency"] = str(latency_table_path(SERVING["paper_estimate"]["latency_tables"]))
     return inputs

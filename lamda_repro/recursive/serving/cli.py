@@ -4,6 +4,7 @@ recursive-early-exit       early-exit post-training + exit sweep of one run -> r
 recursive-serve            the serving benchmark -> record, serving table and figure
 recursive-serving-table    serving table and figure from a serving record
 recursive-serving-latency  latency tables of one layer of a published geometry -> JSON
+recursive-gpu-check        the serving measurements prepared for a GPU (scripts/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -93,33 +94,34 @@ def cmd_latency(args) -> int:
     import torch
 
     from lamda_repro.recursive.runner import pick_device
-    from lamda_repro.recursive.serving.latency import geometry_model, measure_tables
-    from lamda_repro.results import env_info, utc_now, write_json_atomic
+    from lamda_repro.recursive.serving.gpu_check import layer_latency_file
+    from lamda_repro.results import write_json_atomic
 
     setup_threads(args)
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    tables = {}
-    for rank in [None, *args.lora_ranks]:
-        # two positions sharing one layer: a block call is one layer, the fill one skipped position
-        model = geometry_model(args.geometry, num_layers=2, num_loops=2, lora_rank=rank, seed=args.seed)
-        model = model.to(device=device, dtype=dtype)
-        measured = measure_tables(model, args.context, sorted(set(args.sizes)), args.repeats, args.warmup)
-        tables["plain" if rank is None else f"lora_r{rank}"] = measured.to_dict()
-        print(f"{args.geometry} {'plain' if rank is None else f'r={rank}'}: block {measured.block.seconds}")
-        del model
-    out = {
-        "geometry": args.geometry,
-        "what": "latency of ONE decoder layer of the geometry (block = layers per call x this)",
-        "device": tables["plain"]["meta"]["device"],
-        "dtype": args.dtype,
-        "context": args.context,
-        "measured_at": utc_now(),
-        "command": "recursive-serving-latency " + " ".join(sys.argv[2:]),
-        "env": env_info(),
-        "tables": tables,
-    }
+    out = layer_latency_file(
+        args.geometry,
+        args.context,
+        args.sizes,
+        args.lora_ranks,
+        args.repeats,
+        args.warmup,
+        getattr(torch, args.dtype),
+        pick_device(args.device),
+        args.seed,
+    )
     write_json_atomic(args.out, out)
+    return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from lamda_repro.recursive.serving.gpu_check import run_gpu_check
+
+    setup_threads(args)
+    try:
+        run_gpu_check(args.out_dir, args.tiny, args.device, args.dtype, args.seed)
+    except RuntimeError as exc:
+        print(f"recursive-gpu-check: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -156,7 +158,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "recursive-serving-latency", help="latency tables of one layer of a published geometry -> JSON"
     )
-    p.add_argument("--geometry", required=True, help="gemma-2b | tinyllama-1.1b")
+    p.add_argument("--geometry", required=True, help="gemma-2b | tinyllama-1.1b | tiny")
     p.add_argument(
         "--context", type=int, default=1536, help="KV length of the timed calls (default 512 + 2048/2)"
     )
@@ -172,6 +174,20 @@ def add_cli(subparsers) -> None:
         "--out", required=True, help="JSON path (e.g. results/reference/latency/gemma-2b.cpu.json)"
     )
     p.set_defaults(func=cmd_latency)
+
+    p = subparsers.add_parser(
+        "recursive-gpu-check",
+        help="serving measurements for a GPU: Gemma 2B layer tables and the engine's throughput -> JSON",
+    )
+    p.add_argument("--out-dir", default="results/reference", help="writes latency/ and gpu_check/ under it")
+    p.add_argument("--tiny", action="store_true", help="tiny geometries (a check of the check on a CPU)")
+    p.add_argument("--device", default="cuda", help="cuda (default) | cpu | auto")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA"
+    )
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gpu_check)
 
 
 __all__ = ["add_cli"]

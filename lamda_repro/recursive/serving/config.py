@@ -49,6 +49,9 @@ SERVING_DEFAULTS: dict[str, Any] = {
     "paper_estimate": None,
 }
 PAPER_ESTIMATE_DEFAULTS: dict[str, Any] = {
+    "latency_tables": None,  # a file of measured tables (recursive-serving-latency), or none
+    "roofline": [],  # accelerators of the roofline estimate (roofline.ACCELERATORS)
+    "geometry": "gemma-2b",  # the roofline's geometry when no table file names one
     "num_loops": 2,
     "memory_budget_gb": 40.0,  # the paper's A100 40GB (Table K.2)
     "element_bytes": 2,  # bf16 weights and KV cache
@@ -194,9 +197,24 @@ def _known_run(section: dict[str, Any], rid: Any, where: str) -> dict[str, Any]:
 
 def _resolve_paper(given: dict[str, Any], where: str) -> dict[str, Any]:
     cfg = _merge(PAPER_ESTIMATE_DEFAULTS, given)
-    if not cfg.get("latency_tables"):
+    from lamda_repro.recursive.serving.latency import GEOMETRIES
+    from lamda_repro.recursive.serving.roofline import ACCELERATORS
+
+    if cfg.get("latency_tables") is not None and not cfg["latency_tables"]:
+        raise ServingConfigError(f"{where}.latency_tables: empty (a latency-table file, or null)")
+    if not cfg.get("latency_tables") and not cfg.get("roofline"):
         raise ServingConfigError(
-            f"{where}.latency_tables: missing (a latency-table file of the paper geometry)"
+            f"{where}: needs latency_tables (a latency-table file of the paper geometry) or roofline "
+            "(accelerators)"
+        )
+    for i, name in enumerate(cfg.get("roofline") or []):
+        if name not in ACCELERATORS:
+            raise ServingConfigError(
+                f"{where}.roofline[{i}]: unknown accelerator {name!r} (known: {', '.join(ACCELERATORS)})"
+            )
+    if cfg["geometry"] not in GEOMETRIES:
+        raise ServingConfigError(
+            f"{where}.geometry: unknown geometry {cfg['geometry']!r} (known: {', '.join(GEOMETRIES)})"
         )
     _positive_int(cfg["num_loops"], f"{where}.num_loops")
     workload_from(cfg["workload"], where)

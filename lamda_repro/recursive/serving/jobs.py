@@ -8,7 +8,8 @@
     every served run: memory-bound batch, latency tables, the real engine on the workload with
     every scheduler (with and without early exit; repeated, interleaved, median), the simulator
     on the same inputs (prediction error), the simulated threshold sweep, and the paper-scale
-    estimate from the configured latency-table file.
+    estimates: on the configured latency-table file, and on the roofline model of each configured
+    accelerator (roofline.py).
 """
 
 from __future__ import annotations
@@ -429,9 +430,17 @@ def _fill_serving(record, section, cfg, workdir, ee_paths, vanilla_record, devic
     record["throughput"] = {"device": meta["device"], "clock": meta["clock"]}
     phases["simulator"] = time.perf_counter()
     if cfg["paper_estimate"] is not None:
-        paper = _paper(cfg["paper_estimate"], models)
-        record["paper_estimate"] = paper
-        record["metrics"]["paper_estimate_speedup"] = paper["speedup_cdb_exit_vs_vanilla_static"]
+        paper, roofline = _paper(cfg["paper_estimate"], models)
+        if paper is not None:
+            record["paper_estimate"] = paper
+            record["metrics"]["paper_estimate_speedup"] = paper["speedup_cdb_exit_vs_vanilla_static"]
+        if roofline:
+            record["paper_roofline"] = roofline
+            for estimate in roofline:
+                key = estimate["accelerator"]["key"].replace("-", "_")
+                record["metrics"][f"paper_roofline_speedup_{key}"] = estimate[
+                    "speedup_cdb_exit_vs_vanilla_static"
+                ]
     phases["paper_estimate"] = time.perf_counter()
     names = list(phases)
     record["phase_wall_s"] = {b: phases[b] - phases[a] for a, b in zip(names, names[1:], strict=False)}
@@ -508,17 +517,21 @@ def _simulated_sweep(models, info, workload, vanilla_static, seed) -> list[dict[
     return out
 
 
-def _paper(pcfg, models) -> dict[str, Any]:
-    from lamda_repro.recursive.serving.paper import paper_estimate
+def _paper(pcfg, models) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The paper-geometry estimate on the configured latency-table file (None without one) and
+    the roofline estimates of the configured accelerators."""
+    from lamda_repro.recursive.serving.paper import paper_estimate, roofline_estimates
 
-    path = latency_table_path(pcfg["latency_tables"])
-    try:
-        table_file = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ServingRunError(
-            f"recursive.serving.paper_estimate.latency_tables: cannot read {path} ({exc})"
-        ) from None
-    table_file["_path"] = str(pcfg["latency_tables"])
+    table_file = None
+    if pcfg["latency_tables"]:
+        path = latency_table_path(pcfg["latency_tables"])
+        try:
+            table_file = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ServingRunError(
+                f"recursive.serving.paper_estimate.latency_tables: cannot read {path} ({exc})"
+            ) from None
+        table_file["_path"] = str(pcfg["latency_tables"])
     if pcfg["exit_distribution"] is not None:
         dist, source = (
             pcfg["exit_distribution"],
@@ -538,7 +551,9 @@ def _paper(pcfg, models) -> dict[str, Any]:
             point["exit_distribution"],
             f"oracle exits of {rid} on held-out smoke text (measured here)",
         )
-    return paper_estimate(pcfg, table_file, dist, source)
+    measured = paper_estimate(pcfg, table_file, dist, source) if table_file is not None else None
+    geometry = table_file.get("geometry") if table_file is not None else pcfg["geometry"]
+    return measured, roofline_estimates(pcfg, geometry, dist, source)
 
 
 __all__ = ["SERVING_RUN_ID", "ServingRunError", "execute_early_exit", "execute_serving", "held_out_prompts"]

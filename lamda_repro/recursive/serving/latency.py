@@ -51,6 +51,18 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
         "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
+    # not published: a tiny Llama for running the GPU check on a CPU in the tests
+    "tiny": {
+        "model_type": "llama",
+        "num_layers": 4,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "vocab_size": 256,
+        "tie_word_embeddings": False,
+    },
 }
 
 

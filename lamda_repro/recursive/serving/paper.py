@@ -13,6 +13,7 @@ element size, weights = non-embedding parameters (from the geometry's config) + 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lamda_repro.recursive.counts import non_embedding_counts
@@ -42,14 +43,19 @@ def model_tables(layer: LatencyTables, layers_per_call: int, num_loops: int) -> 
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _counts(geometry: str, num_loops: int, rank: int | None) -> dict[str, Any]:
+    """non_embedding_counts of a published geometry (it builds the layer on the meta device: cached)."""
+    return non_embedding_counts(geometry_config(geometry), num_loops, rank)
+
+
 def paper_models(geometry: str, num_loops: int, lora_ranks: list[int], element_bytes: int) -> dict[str, Any]:
     """Parameter counts and weight bytes of the vanilla, recursive and relaxed models."""
     geo = GEOMETRIES[geometry]
-    config = geometry_config(geometry)
     embedding = geo["vocab_size"] * geo["hidden_size"] * (1 if geo["tie_word_embeddings"] else 2)
     out = {}
     for rank in [None, *lora_ranks]:
-        counts = non_embedding_counts(config, num_loops, rank)
+        counts = _counts(geometry, num_loops, rank)
         if rank is None:
             out["vanilla"] = {"non_embedding": counts["vanilla"], "loops": 1}
             out["recursive"] = {"non_embedding": counts["recursive"], "loops": num_loops}
@@ -61,10 +67,28 @@ def paper_models(geometry: str, num_loops: int, lora_ranks: list[int], element_b
     return out
 
 
+# The rows of the paper's Table K.2 (and CDB without exit, to show what the exits add): the
+# roofline estimates simulate only these, which keeps the serving job's cost down.
+PAPER_ROWS = (
+    ("vanilla", "static", False),
+    ("vanilla", "csb", False),
+    ("recursive", "cdb", False),
+    ("recursive", "cdb", True),
+    ("relaxed", "cdb", True),
+)
+
+
 def paper_estimate(
-    cfg: dict[str, Any], table_file: dict[str, Any], exit_distribution: list[float], exit_source: str
+    cfg: dict[str, Any],
+    table_file: dict[str, Any],
+    exit_distribution: list[float],
+    exit_source: str,
+    rows_only: tuple[tuple[str, str, bool], ...] | None = None,
+    memory_budget_gb: float | None = None,
 ) -> dict[str, Any]:
-    """Simulated tokens/s of the paper geometry for every scheduler, with every input stated."""
+    """Simulated tokens/s of the paper geometry for every scheduler (or the ``rows_only``
+    (model kind, scheduler, exit) triples), with every input stated; ``memory_budget_gb``
+    overrides the config's budget (an accelerator's memory)."""
     from lamda_repro.recursive.serving.config import workload_from
 
     geometry = table_file.get("geometry")
@@ -85,7 +109,8 @@ def paper_estimate(
     kv_per_sequence = (
         2 * L * geo["num_kv_heads"] * geo["head_dim"] * workload.max_context * cfg["element_bytes"]
     )
-    budget = cfg["memory_budget_gb"] * 1e9
+    budget_gb = cfg["memory_budget_gb"] if memory_budget_gb is None else memory_budget_gb
+    budget = budget_gb * 1e9
     plain = LatencyTables.from_dict(tables["plain"])
     layer_tables = {"vanilla": plain, "recursive": plain, **{f"relaxed_r{r}": None for r in ranks}}
     for r in ranks:
@@ -104,6 +129,8 @@ def paper_estimate(
         combos = [("static", False), ("csb", False)]
         if loops > 1:
             combos += [("cdb", False), ("static", True), ("csb", True), ("cdb", True)]
+        if rows_only is not None:
+            combos = [(s, e) for s, e in combos if (name.split("_")[0], s, e) in rows_only]
         for scheduler, early_exit in combos:
             result = simulate(scheduler, workload, model_t, batch, exit_distribution if early_exit else None)
             rows.append(
@@ -129,11 +156,13 @@ def paper_estimate(
         "latency_device": table_file.get("device"),
         "latency_measured_at": table_file.get("measured_at"),
         "latency_context": table_file.get("context"),
-        "latency_sizes": plain.block.sizes,
+        "latency_sizes": plain.block.sizes
+        if len(plain.block.sizes) <= 32
+        else f"every size from {plain.block.sizes[0]} to {plain.block.sizes[-1]}",
         "latency_source": table_file.get("_path"),
         "counted": "Transformer-block calls and the KV-policy fill; embedding and LM head cost 0 "
         "(as in the paper)",
-        "memory_budget_gb": cfg["memory_budget_gb"],
+        "memory_budget_gb": budget_gb,
         "element_bytes": cfg["element_bytes"],
         "kv_bytes_per_sequence": kv_per_sequence,
         "workload": {
@@ -151,4 +180,46 @@ def paper_estimate(
     }
 
 
-__all__ = ["model_tables", "paper_models", "paper_estimate"]
+def roofline_estimates(
+    cfg: dict[str, Any], geometry: str, exit_distribution: list[float], exit_source: str
+) -> list[dict[str, Any]]:
+    """The paper estimate on roofline latency tables, one per accelerator of ``cfg["roofline"]``:
+    the memory budget is the accelerator's memory, the KV length the workload's mean context, the
+    tables cover every batch size up to what the memory could hold; the paper's rows only."""
+    from lamda_repro.recursive.serving.config import workload_from
+    from lamda_repro.recursive.serving.roofline import accelerator, roofline_table_file
+
+    workload = workload_from(cfg["workload"], "recursive.serving.paper_estimate")
+    geo = GEOMETRIES[geometry]
+    kv_per_token = 2 * geo["num_layers"] * geo["num_kv_heads"] * geo["head_dim"] * cfg["element_bytes"]
+    kv_per_sequence = kv_per_token * workload.max_context
+    out = []
+    for name in cfg.get("roofline") or []:
+        acc = accelerator(name)
+        largest = max(2, int(acc.memory_bytes // kv_per_sequence))
+        table_file = roofline_table_file(
+            geometry,
+            name,
+            max(1, round(workload.mean_context)),
+            list(range(1, largest + 1)),
+            cfg["num_loops"],
+            cfg.get("lora_ranks", []),
+            cfg["element_bytes"],
+        )
+        table_file["_path"] = f"roofline model (lamda_repro/recursive/serving/roofline.py), {acc.name}"
+        estimate = paper_estimate(
+            cfg, table_file, exit_distribution, exit_source, PAPER_ROWS, acc.memory_bytes / 1e9
+        )
+        estimate["estimate"] = "roofline estimate"
+        estimate["accelerator"] = table_file["accelerator"]
+        estimate["launch_overhead_s"] = table_file["launch_overhead_s"]
+        estimate["counted"] = (
+            "Transformer-block calls and the KV-policy fill, each layer call max(bytes / HBM bandwidth, "
+            f"FLOPs / peak) + {table_file['launch_overhead_s'] * 1e6:g} us launch overhead; "
+            "embedding and LM head cost 0 (as in the paper)"
+        )
+        out.append(estimate)
+    return out
+
+
+__all__ = ["PAPER_ROWS", "model_tables", "paper_models", "paper_estimate", "roofline_estimates"]

@@ -63,12 +63,16 @@ def serving_frame(record: dict[str, Any], reference=None) -> pd.DataFrame:
                 "average": quality.get("average"),
             }
         )
-    paper = record.get("paper_estimate")
-    if paper:
+    estimates = [("simulated", record.get("paper_estimate"))] + [
+        (f"roofline estimate, {e['accelerator']['name']}", e) for e in record.get("paper_roofline") or []
+    ]
+    for what, paper in estimates:
+        if not paper:
+            continue
         for r in paper["rows"]:
             rows.append(
                 {
-                    "setting": f"paper geometry {paper['geometry']}: simulated",
+                    "setting": f"paper geometry {paper['geometry']}: {what}",
                     "model": r["model"],
                     "kind": r["model"].split("_")[0],
                     "scheduler": r["scheduler"],
@@ -175,6 +179,19 @@ def _notes(record: dict[str, Any]) -> list[str]:
             f"{paper['exit_distribution_source']}. Paper ΔV: the paper's Table K.2 (A100 tables; "
             "results/reference/papers.yaml). Tables measured on a CPU, where a block call's time grows "
             "with the batch, cannot show the batching gains of a memory-bound GPU."
+        )
+    for paper in record.get("paper_roofline") or []:
+        acc = paper["accelerator"]
+        batches = ", ".join(f"{name} {m['max_batch']}" for name, m in paper["models"].items())
+        dist = [round(p, 3) for p in paper["exit_distribution"]]
+        notes.append(
+            f"Paper-geometry rows ({paper['geometry']}, B={paper['num_loops']}), roofline estimate on "
+            f"{acc['name']} (peak dense bf16 {acc['peak_flops'] / 1e12:g} TFLOP/s, HBM "
+            f"{acc['bandwidth'] / 1e9:,.0f} GB/s, {acc['memory_bytes'] / 1e9:g} GB; {acc['source']}): "
+            f"no GPU measured these; {paper['counted']}; KV length {paper['latency_context']} (the "
+            f"workload's mean context). Memory-bound batch from the GPU's memory at "
+            f"{paper['element_bytes']} bytes per element: {batches}. Exit distribution {dist}: "
+            f"{paper['exit_distribution_source']}. Paper ΔV: Table K.2 (measured on an A100 40GB)."
         )
     return notes
 

@@ -1,7 +1,6 @@
 # Config -> run list. The config is checked before any job runs: first by the library (one line
 # naming the key and the problem), then by Snakemake against the same JSON schema.
 import json
-import shlex
 import sys
 from pathlib import Path
 

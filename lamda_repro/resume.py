@@ -90,15 +90,23 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def folder_digest(folder: str | Path) -> str:
-    """SHA-256 over the relative paths and contents of every file below ``folder`` (links
-    followed: a workdir may link its data in); of its path's absence when it does not exist."""
+# Files of a model folder that report how it was made (settings already in the spec, readings
+# of the clock): not part of what a run reads, so a rebuild with the same weights is the same input.
+REPORT_FILES = frozenset({"pretrain.json"})
+
+
+def folder_digest(folder: str | Path, ignore: Iterable[str] = REPORT_FILES) -> str:
+    """SHA-256 over the relative paths and contents of every file below ``folder`` but those
+    named in ``ignore`` (links followed: a workdir may link its data in); of its path's absence
+    when it does not exist."""
     folder = Path(folder)
+    ignore = set(ignore)
     h = hashlib.sha256()
     if not folder.exists():
         h.update(f"missing:{folder.name}".encode())
         return h.hexdigest()
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [p for p in files if p.name not in ignore]
     for p in files:
         h.update(f"{p.relative_to(folder) if p != folder else p.name}\0{file_digest(p)}\n".encode())
     return h.hexdigest()

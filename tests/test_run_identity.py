@@ -199,3 +199,18 @@ def test_symlinked_checkpoint_folders_are_never_followed(smoke_workdir, tmp_path
     assert not remove_checkpoint(outside / "checkpoint-3", own)
     assert [p.name for p in sorted(own.iterdir())] == ["checkpoint-10", "checkpoint-4", "checkpoint-9"]
     assert {str(p): p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_rebuilt_with_the_same_files_is_the_same_input(tmp_path):
+    from lamda_repro.resume import folder_digest
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "pretrain.json").write_text('{"stats": {"train_time_s": 1.0}}')
+    digest = folder_digest(model)
+    (model / "pretrain.json").write_text('{"stats": {"train_time_s": 2.0}}')  # a reading of the clock
+    assert folder_digest(model) == digest
+    (model / "model.safetensors").write_bytes(b"weighs")
+    assert folder_digest(model) != digest
+    assert folder_digest(tmp_path / "absent") != folder_digest(tmp_path / "absent2")

@@ -31,7 +31,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +208,15 @@ def set_aside(path: str | Path, why: str) -> Path:
 
 def complete_checkpoints(
     out_dir: str | Path, digest: str, clean: bool = True, skip: Iterable[Path] = ()
-) -> list[tuple[Path, dict[str, Any]]]:
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The complete checkpoints of ``out_dir`` (a run's identity folder) written by the run
-    whose identity is ``digest``, newest first, with their markers. Unusable folders newer than
-    the newest complete one are reported; with ``clean`` (the process that writes), incomplete
-    or corrupt ones are deleted (the run writes those steps again) and those of another
-    identity set aside. ``skip``: folders not to use (a load of them failed)."""
+    whose identity is ``digest``, newest first, with their markers; each is verified (its files'
+    digests) only when the caller asks for it. Unusable folders newer than the newest complete
+    one are reported; with ``clean`` (the process that writes), incomplete or corrupt ones are
+    deleted (the run writes those steps again) and those of another identity set aside.
+    ``skip``: folders not to use (a load of them failed)."""
     skip = {Path(p) for p in skip}
-    found = []
+    found = False
     for _step, path in reversed(checkpoints(out_dir)):
         if path in skip:
             continue
@@ -226,14 +227,14 @@ def complete_checkpoints(
                 set_aside(path, problem)
                 continue
         if problem is None:
-            found.append((path, marker))
+            found = True
+            yield path, marker
             continue
         if found:  # older than a usable one: it is never read, and rotation removes it
             continue
         log.warning("skipping checkpoint %s: %s", path, problem)
         if clean:
             remove_checkpoint(path, out_dir)
-    return found
 
 
 def last_complete(
@@ -241,8 +242,7 @@ def last_complete(
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint of ``out_dir`` written by the run with identity ``digest``
     and its marker, or None (``complete_checkpoints``)."""
-    found = complete_checkpoints(out_dir, digest, clean=drop_unusable)
-    return found[0] if found else None
+    return next(complete_checkpoints(out_dir, digest, clean=drop_unusable), None)
 
 
 def rotate_checkpoints(out_dir: str | Path, keep: int = 2) -> None:

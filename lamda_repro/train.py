@@ -293,8 +293,7 @@ def _run(
         identity_folder(run_dir, identity["digest"]) if rank_zero() else run_dir / f"id-{identity['digest']}"
     )
     method_callbacks = method.callbacks(model, ctx)
-    found = complete_checkpoints(output_dir, identity["digest"], clean=rank_zero(), skip=skip)
-    resume = found[0] if found else None
+    resume = next(complete_checkpoints(output_dir, identity["digest"], clean=rank_zero(), skip=skip), None)
     resumed: dict[str, Any] = {"count": 0}
     if resume is not None:
         ckpt, marker = resume

@@ -241,7 +241,7 @@ def _run(
     offline: bool,
     checkpoint_dir: str | None,
     sigterm: SigtermFlag,
-    skip: list[Path] = (),
+    skip: tuple[Path, ...] | list[Path] = (),
 ) -> None:
     set_offline(offline)
     from transformers import TrainingArguments, set_seed

@@ -115,11 +115,12 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 # registers its check when its package is imported, so that config.py never imports a stage;
 # validate_config refuses to pass an enabled section whose check was never registered.
 STAGE_SECTIONS = ("recursive",)
-_SECTION_CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {}
+_SECTION_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {}
 
 
-def register_section_check(section: str, check: Callable[[dict[str, Any]], Any]) -> None:
-    """Register ``check(section_value)`` (raises ConfigError / ValueError) for a stage's section."""
+def register_section_check(section: str, check: Callable[[dict[str, Any], dict[str, Any]], Any]) -> None:
+    """Register ``check(section_value, config)`` (raises ConfigError / ValueError) for a stage's
+    section; ``config`` is the whole config with defaults, for references into its other sections."""
     if section not in STAGE_SECTIONS:
         raise ValueError(f"unknown stage section {section!r} (known: {', '.join(STAGE_SECTIONS)})")
     _SECTION_CHECKS[section] = check
@@ -239,7 +240,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"no check registered for the config section {section!r}: import lamda_repro.{section} first"
             )
         try:
-            check(value)
+            check(value, cfg)
         except ConfigError:
             raise
         except ValueError as exc:  # the stage's own value checks

@@ -159,7 +159,9 @@ def _styles(panels: list[Panel]) -> tuple[dict[str, Any], dict[tuple[str, str], 
     """Colour per method, marker per (experiment, model) over all panels, and whether the legend
     must name the experiment (several experiments) or the model alone will do. Methods are in
     name order; earlier methods get larger markers (see ``_marker_size``)."""
-    points = pd.concat([p.points for p in panels if not p.points.empty], ignore_index=True)
+    non_empty = [p.points for p in panels if not p.points.empty]
+    # a family whose runs all failed has panels without points: no styles, "no runs yet" panels
+    points = pd.concat(non_empty, ignore_index=True) if non_empty else pd.DataFrame()
     methods = sorted(points["method"].unique()) if len(points) else []
     groups = sorted(set(zip(points["experiment"], points["model"], strict=True))) if len(points) else []
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")

@@ -77,12 +77,14 @@ def aggregate(
     families: list[str] | None = None,
     records: list[str | Path] | None = None,
     workers: int = 1,
+    configfiles: list[str] | None = None,
 ) -> list[str]:
     """Write every table, figure and the claims ledger; return the paths written.
 
     ``records``: the record files to read (the runs of the config); others below ``runs_dir``
     are reported as stale on stderr and left out. None: every record below ``runs_dir``.
-    ``workers`` > 1: draw the figures in ``workers`` forked processes meanwhile."""
+    ``workers`` > 1: draw the figures in ``workers`` forked processes meanwhile. ``configfiles``:
+    the workflow's config files, named in the rerun command of a damaged record's error."""
     if workers < 1:
         raise AggregateError(f"--workers must be at least 1, got {workers}")
     from lamda_repro import tables
@@ -98,7 +100,7 @@ def aggregate(
                 f"aggregate: stale record {path} (its run is not in the config; left out of the tables)",
                 file=sys.stderr,
             )
-        records = load_records(records, runs_dir)
+        records = load_records(records, runs_dir, configfiles or ())
     out = Path(out)
     tables_dir, figures_dir = out / TABLES_DIR, out / FIGURES_DIR
 
@@ -215,7 +217,14 @@ def run_aggregate(args: argparse.Namespace) -> int:
     try:
         families = parse_families(args.families)
         written = aggregate(
-            args.runs_dir, args.bench_dir, args.reference, args.out, families, args.records, args.workers
+            args.runs_dir,
+            args.bench_dir,
+            args.reference,
+            args.out,
+            families,
+            args.records,
+            args.workers,
+            args.configfile,
         )
     except ValueError as exc:
         print(f"aggregate: {exc}", file=sys.stderr)
@@ -264,6 +273,12 @@ def add_cli(subparsers) -> None:
         default=None,
         help="read exactly these record files (the runs of the config); other records below "
         "--runs-dir are reported as stale. Default: every record below --runs-dir",
+    )
+    p.add_argument(
+        "--configfile",
+        nargs="*",
+        default=None,
+        help="the workflow's config files: a damaged record's error names them in its rerun command",
     )
     p.set_defaults(func=run_aggregate)
 

@@ -155,9 +155,12 @@ class RecordError(ValueError):
     """A record that cannot be used; the message is one line naming the file."""
 
 
-def rerun_command(path: str | os.PathLike) -> str:
-    """The command that writes the record at ``path`` again (from the workflow's folder)."""
-    return f"snakemake --cores all --force {shlex.quote(str(path))}"
+def rerun_command(path: str | os.PathLike, configfiles: Iterable[str | os.PathLike] = ()) -> str:
+    """The command that writes the record at ``path`` again (from the workflow's folder), with
+    the config files of the run (``--configfile``) where known."""
+    files = " ".join(shlex.quote(str(f)) for f in configfiles)
+    config = f" --configfile {files}" if files else ""
+    return f"snakemake --cores all{config} --force {shlex.quote(str(path))}"
 
 
 def record_stem(record: dict[str, Any]) -> str | None:
@@ -179,12 +182,16 @@ def record_stem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def read_record(path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def read_record(
+    path: str | os.PathLike,
+    runs_dir: str | os.PathLike | None = None,
+    configfiles: Iterable[str | os.PathLike] = (),
+) -> dict[str, Any]:
     """One record, checked: readable strict JSON, an object, a known ``schema_version``, the
     required fields and (given ``runs_dir``) a spec that belongs at this path. Raises RecordError
-    naming the file (and, for a damaged record, the command that reruns it)."""
+    naming the file (and, for a damaged record, the command that reruns it, with ``configfiles``)."""
     path = str(path)
-    rerun = f"rerun it: {rerun_command(path)}"
+    rerun = f"rerun it: {rerun_command(path, configfiles)}"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -225,10 +232,13 @@ def read_record(path: str | os.PathLike, runs_dir: str | os.PathLike | None = No
 
 
 def load_records(
-    paths: Iterable[str | os.PathLike], runs_dir: str | os.PathLike | None = None
+    paths: Iterable[str | os.PathLike],
+    runs_dir: str | os.PathLike | None = None,
+    configfiles: Iterable[str | os.PathLike] = (),
 ) -> list[dict[str, Any]]:
     """The records at ``paths``, each checked by read_record (RecordError naming the file)."""
-    return [read_record(p, runs_dir) for p in paths]
+    configfiles = list(configfiles)
+    return [read_record(p, runs_dir, configfiles) for p in paths]
 
 
 def find_records(root: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:

@@ -19,10 +19,24 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import lamda_repro
 from lamda_repro.config import RunSpec
 from lamda_repro.models import set_offline
 from lamda_repro.results import new_record, utc_now, write_record
-from lamda_repro.resume import Preempted, SigtermFlag, is_transient, last_complete, rank_zero, write_marker
+from lamda_repro.resume import (
+    CheckpointLoadError,
+    Preempted,
+    SigtermFlag,
+    complete_checkpoints,
+    folder_digest,
+    identity_digest,
+    identity_folder,
+    is_transient,
+    rank_zero,
+    rotate_checkpoints,
+    set_aside,
+    write_marker,
+)
 from lamda_repro.tasks.metrics import Unavailable
 
 log = logging.getLogger("lamda_repro.train")
@@ -53,6 +67,39 @@ def task_for_spec(spec: RunSpec, workdir: str):
         if key in spec.training and key not in task_params:
             task_params[key] = spec.training[key]
     return get_task_class(params["type"])(spec.task, task_params, data_files)
+
+
+def run_inputs(spec: RunSpec, workdir: str) -> dict[str, Path]:
+    """The files of the workdir and of the machine a run reads besides its spec: the task's data
+    (a generated data set's folder, or the files it names) and the model's folder (built,
+    local or packaged; a Hub model is named by id and revision in the spec)."""
+    from lamda_repro.models import built_model_dir, package_model_dir
+
+    inputs = {}
+    params = spec.task_params
+    if "data" in params:
+        inputs[f"data/{params['data']}"] = Path(workdir) / "data" / params["data"]
+    for split, path in sorted(params.get("data_files", {}).items()):
+        inputs[f"data_files/{split}"] = Path(path).expanduser()
+    entry = spec.model_params
+    if entry["source"] == "build":
+        inputs[f"model/{spec.model}"] = built_model_dir(workdir, spec.model)
+    elif entry["source"] == "local":
+        inputs[f"model/{spec.model}"] = Path(entry["path"]).expanduser()
+    elif entry["source"] == "package":
+        inputs[f"model/{spec.model}"] = package_model_dir(entry["package"])
+    return inputs
+
+
+def run_identity(spec: RunSpec, workdir: str) -> dict[str, Any]:
+    """What decides a run's outputs: its spec (task, model entry, method, training and
+    evaluation settings, seed, scale), the digests of the files it reads (``run_inputs``: the
+    data and the built model, whose files carry its own settings and the corpus it was
+    pretrained on) and the suite's version (bumped when the code changes results). ``digest``
+    names the run's checkpoint folder; a checkpoint resumes only a run of the same digest."""
+    inputs = {name: folder_digest(path) for name, path in run_inputs(spec, workdir).items()}
+    parts = {"spec": spec.to_dict(), "inputs": inputs, "code_version": lamda_repro.__version__}
+    return {"digest": identity_digest(parts), "inputs": inputs, "code_version": lamda_repro.__version__}
 
 
 def _total_steps(n_train: int, tr: dict[str, Any]) -> int:
@@ -98,6 +145,11 @@ def _make_checkpoint_callback(digest: str, updates, tokens, sigterm: SigtermFlag
         """Writes each checkpoint's completeness marker (after the Trainer has written the rest),
         with the suite's counters, and turns SIGTERM into a checkpoint and a stop."""
 
+        started = False  # whether the first step began (so a resumed checkpoint was loaded)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = True
+
         def on_step_end(self, args, state, control, **kwargs):
             if sigterm.received:
                 control.should_save = True
@@ -128,6 +180,7 @@ def _make_checkpoint_callback(digest: str, updates, tokens, sigterm: SigtermFlag
                 },
             )
             log.info("checkpoint at step %d complete: %s", state.global_step, ckpt)
+            rotate_checkpoints(args.output_dir, keep=2)
 
     return CheckpointCallback()
 
@@ -146,23 +199,32 @@ def run_finetune(
     A rerun resumes from the run's last complete checkpoint. Transient failures (preemption,
     out of memory, I/O errors; ``lamda_repro.resume``) write no record and raise, so that the
     scheduler retries the run; deterministic ones are kept in a ``failed`` record."""
-    record = new_record(spec.run_id, "finetune", spec.to_dict())
-    t_start = time.perf_counter()
-    try:
-        with SigtermFlag() as sigterm:
-            _run(spec, record, workdir, device, threads, offline, checkpoint_dir, sigterm)
-        record["status"] = "success"
-    except Exception as exc:  # the record keeps the failure; the caller decides the exit code
-        if is_transient(exc):
-            log.error(
-                "run %s stopped by a transient failure (no record written; a rerun resumes):\n%s",
-                spec.run_id,
-                traceback.format_exc(),
-            )
-            raise
-        record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
+    skip: list[Path] = []  # checkpoints whose load failed in this process
+    while True:
+        record = new_record(spec.run_id, "finetune", spec.to_dict())
+        t_start = time.perf_counter()
+        try:
+            with SigtermFlag() as sigterm:
+                _run(spec, record, workdir, device, threads, offline, checkpoint_dir, sigterm, skip)
+            record["status"] = "success"
+        except CheckpointLoadError as exc:  # fall back to the previous complete one, or a fresh start
+            log.warning("%s; falling back to the previous complete checkpoint (or a fresh start)", exc)
+            skip.append(exc.path)
+            if rank_zero():
+                set_aside(exc.path, "it could not be loaded")
+            continue
+        except Exception as exc:  # the record keeps the failure; the caller decides the exit code
+            if is_transient(exc):
+                log.error(
+                    "run %s stopped by a transient failure (no record written; a rerun resumes):\n%s",
+                    spec.run_id,
+                    traceback.format_exc(),
+                )
+                raise
+            record["status"] = "failed"
+            record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
+        break
     record["wall_time_s"] = round(time.perf_counter() - t_start, 3)
     record["finished_at"] = utc_now()
     if rank_zero():
@@ -179,6 +241,7 @@ def _run(
     offline: bool,
     checkpoint_dir: str | None,
     sigterm: SigtermFlag,
+    skip: tuple[Path, ...] | list[Path] = (),
 ) -> None:
     set_offline(offline)
     from transformers import TrainingArguments, set_seed
@@ -195,6 +258,8 @@ def _run(
             "training.precision: fp16 needs a CUDA device, this run's device is cpu (use fp32 or bf16)"
         )
     set_seed(spec.seed)
+    identity = run_identity(spec, workdir)
+    record["identity"] = identity
 
     task = task_for_spec(spec, workdir)
     raw = task.load_splits()
@@ -223,9 +288,12 @@ def _run(
     updates = measure.UpdateCounter(method.updated_elements)
     tokens = measure.TokenCounter()
     precision = tr.get("precision", "fp32")
-    output_dir = checkpoint_dir or str(Path(workdir) / "checkpoints" / spec.run_id)
+    run_dir = Path(checkpoint_dir or Path(workdir) / "checkpoints" / spec.run_id)
+    output_dir = str(
+        identity_folder(run_dir, identity["digest"]) if rank_zero() else run_dir / f"id-{identity['digest']}"
+    )
     method_callbacks = method.callbacks(model, ctx)
-    resume = last_complete(output_dir, spec.digest(), drop_unusable=rank_zero())
+    resume = next(complete_checkpoints(output_dir, identity["digest"], clean=rank_zero(), skip=skip), None)
     resumed: dict[str, Any] = {"count": 0}
     if resume is not None:
         ckpt, marker = resume
@@ -261,7 +329,7 @@ def _run(
         logging_steps=tr["logging_steps"],
         save_strategy="steps" if tr["save_steps"] > 0 else "no",
         save_steps=tr["save_steps"] if tr["save_steps"] > 0 else 500,
-        save_total_limit=2,
+        save_total_limit=None,  # the checkpoint callback rotates, within the run's own folder only
         eval_strategy="no",
         report_to="none",
         use_cpu=device == "cpu",
@@ -275,7 +343,7 @@ def _run(
     )
     optimizer = method.create_optimizer(model, tr["lr"], tr["weight_decay"], ctx)
     trainer_cls = _make_trainer_class()
-    checkpoint_cb = _make_checkpoint_callback(spec.digest(), updates, tokens, sigterm, resumed)
+    checkpoint_cb = _make_checkpoint_callback(identity["digest"], updates, tokens, sigterm, resumed)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -294,7 +362,12 @@ def _run(
     checkpoint_cb.trainer = trainer
     sigterm.training = True
     with measure.PeakMemory(device) as peak:
-        train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        try:
+            train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        except Exception as exc:
+            if resume is None or checkpoint_cb.started or is_transient(exc):
+                raise
+            raise CheckpointLoadError(resume[0], exc) from exc
     sigterm.training = False
     if sigterm.received:
         raise Preempted(f"SIGTERM during training: checkpoint at step {trainer.state.global_step} written")

@@ -160,7 +160,7 @@ def test_uptraining_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypa
     from lamda_repro.resume import read_marker
 
     reference, ref_stats = _resumable(tmp_path / "ref")
-    assert ref_stats["resumed"] == 0 and read_marker(tmp_path / "ref" / "checkpoint-10") is not None
+    assert ref_stats["resumed"] == 0 and read_marker(tmp_path / "ref" / "id-d" / "checkpoint-10") is not None
 
     save = uptrain._save_checkpoint
 
@@ -173,14 +173,40 @@ def test_uptraining_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="died"):
         _resumable(tmp_path / "run")
     monkeypatch.setattr(uptrain, "_save_checkpoint", save)
-    (tmp_path / "run" / "checkpoint-12").mkdir()  # a checkpoint cut short: no marker, skipped
+    (tmp_path / "run" / "id-d" / "checkpoint-12").mkdir()  # a checkpoint cut short: no marker, skipped
     resumed, stats = _resumable(tmp_path / "run")
     assert (stats["resumed"], stats["resumed_from_step"], stats["tokens"]) == (1, 10, ref_stats["tokens"])
     assert stats["final_loss"] == ref_stats["final_loss"]
     assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), reference.parameters(), strict=True))
-    # a checkpoint of another spec (same folder) is never resumed
+    # a checkpoint of another spec (same folder) is never resumed, nor removed
     _, other = _resumable(tmp_path / "run", digest="other")
-    assert other["resumed"] == 0
+    assert other["resumed"] == 0 and read_marker(tmp_path / "run" / "id-d" / "checkpoint-10") is not None
+
+
+def test_damaged_uptraining_checkpoints_fall_back_to_the_previous_one_then_a_fresh_start(tmp_path, caplog):
+    import json
+    import logging
+
+    from lamda_repro.resume import MARKER, write_marker
+
+    reference, ref_stats = _resumable(tmp_path / "ref")
+    folder = tmp_path / "ref" / "id-d"
+    weights = folder / "checkpoint-10" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-32:] = bytes(b ^ 0xFF for b in data[-32:])  # same size, other bytes: skipped
+    weights.write_bytes(bytes(data))
+    # the previous one's marker matches its files, but they do not load: set aside, fresh start
+    ckpt = folder / "checkpoint-5"
+    marker = json.loads((ckpt / MARKER).read_text())
+    (ckpt / "optim.pt").write_bytes(b"not a torch file")
+    write_marker(ckpt, {k: v for k, v in marker.items() if k != "files"})
+    with caplog.at_level(logging.INFO, logger="lamda_repro"):
+        resumed, stats = _resumable(tmp_path / "ref")
+    assert "trainable.safetensors: not the bytes its marker lists" in caplog.text
+    assert f"loading checkpoint {ckpt} failed" in caplog.text
+    assert (stats["resumed"], stats["resumed_from_step"]) == (0, None)
+    assert stats["final_loss"] == ref_stats["final_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), reference.parameters(), strict=True))
 
 
 def test_sigterm_during_uptraining_checkpoints_and_raises(tmp_path):
@@ -202,4 +228,4 @@ def test_sigterm_during_uptraining_checkpoints_and_raises(tmp_path):
     with SigtermFlag() as flag, pytest.raises(Preempted, match="checkpoint at step 6"):
         flag.training = True
         train_causal_lm(_student(), batches(), cfg, checkpointing=Checkpointing(tmp_path, "d", flag))
-    assert read_marker(tmp_path / "checkpoint-6")["step"] == 6
+    assert read_marker(tmp_path / "id-d" / "checkpoint-6")["step"] == 6

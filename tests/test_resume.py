@@ -62,7 +62,14 @@ def _run(spec, out: Path, workdir: Path, hook=("none", 0)):
 
 
 def _ckpt_dir(workdir: Path, spec) -> Path:
-    return workdir / "checkpoints" / spec.run_id
+    """The run's checkpoint folder: that of its identity (lamda_repro.train.run_identity)."""
+    return workdir / "checkpoints" / spec.run_id / f"id-{_identity(workdir, spec)}"
+
+
+def _identity(workdir: Path, spec) -> str:
+    from lamda_repro.train import run_identity
+
+    return run_identity(spec, str(workdir))["digest"]
 
 
 @pytest.fixture()
@@ -123,7 +130,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_retry_status(workdir, tm
     assert proc.returncode == TRANSIENT_EXIT == 75, proc.stderr[-3000:]
     assert "INTERRUPTED (Preempted: SIGTERM during training: checkpoint at step 5 written)" in proc.stderr
     assert not out.exists()  # no record: the scheduler retries the run
-    found = last_complete(_ckpt_dir(workdir, spec), spec.digest(), drop_unusable=False)
+    found = last_complete(_ckpt_dir(workdir, spec), _identity(workdir, spec), drop_unusable=False)
     assert found is not None and found[1]["step"] == 5
     again = _run(spec, out, workdir)
     assert again.returncode == 0, again.stderr[-3000:]

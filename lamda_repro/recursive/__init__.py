@@ -19,11 +19,22 @@ from lamda_repro.recursive.counts import non_embedding_counts
 from lamda_repro.recursive.relax import DepthLoRALinear, LoraSpec, relax_recursive
 
 
-def _check_section(section):
+def _check_section(section, config):
+    """Every check the workflow makes of the section: its own values, its serving block, and its
+    references into the config's data and models sections (the shared pretraining stage)."""
     from lamda_repro.recursive.runner import resolve_section
     from lamda_repro.recursive.serving.config import resolve_serving
 
-    resolve_serving(resolve_section(section))
+    resolved = resolve_section(section)
+    resolve_serving(resolved)
+    data = resolved["corpus"].get("data")
+    if data and data not in config["data"]:
+        raise RecursiveConfigError(f"recursive.corpus.data: unknown data set {data!r}")
+    for name, entry in resolved["models"].items():
+        if "model" in entry and config["models"].get(entry["model"], {}).get("source") != "build":
+            raise RecursiveConfigError(
+                f"recursive.models.{name}.model: {entry['model']!r} is not a models entry with source build"
+            )
 
 
 # The recursive stage owns the config's ``recursive:`` section: validate_config calls this.

@@ -522,7 +522,11 @@ def pretrain_model(section: dict[str, Any], name: str, workdir: Path, device: to
             seed=section["seed"],
             desc=f"pretrain {name}",
             checkpointing=Checkpointing(
-                ckpt_dir, _spec_digest({"pretrain": p, "seed": section["seed"]}), sigterm
+                ckpt_dir,
+                _spec_digest(
+                    {"pretrain": p, "seed": section["seed"], "corpus": _corpus_digest(section, workdir)}
+                ),
+                sigterm,
             ),
         )
     out = model_dir(workdir, name)
@@ -662,6 +666,27 @@ def execute_run(section: dict[str, Any], rid: str, workdir: Path, device: str = 
     return record
 
 
+def _corpus_digest(section: dict[str, Any], workdir: Path) -> str | None:
+    """Digest of the local (smoke) corpus folder; None for a corpus the spec names."""
+    from lamda_repro.resume import folder_digest
+
+    corpus = _corpus_entry(section, workdir)
+    return folder_digest(corpus["path"]) if corpus["kind"] == "smoke" else None
+
+
+def _input_digests(section: dict[str, Any], model: str, workdir: Path) -> dict[str, str]:
+    """Digests of the files an uptraining run reads besides its spec: the local corpus (smoke
+    kind; a Hub or file corpus is named in the spec) and the base model's folder (a Hub id is
+    named in the spec). Part of the run's identity: its checkpoints resume only the same inputs."""
+    from lamda_repro.resume import folder_digest
+
+    inputs = {"corpus": _corpus_digest(section, workdir)}
+    base = Path(base_model_path(section, model, workdir))
+    if base.is_dir():
+        inputs["model"] = folder_digest(base)
+    return inputs
+
+
 def _spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -697,7 +722,9 @@ def _fill_record(record, section, run, up_cfg, workdir, device, sigterm=None) ->
             teacher = load_teacher(section, tid, workdir, device)
         batches = train_batches(section, workdir, tokenizer, up_cfg.seq_len, up_cfg.batch_size)
         checkpointing = Checkpointing(
-            Path(workdir) / "checkpoints" / "recursive" / run_id(run), _spec_digest(record["spec"]), sigterm
+            Path(workdir) / "checkpoints" / "recursive" / run_id(run),
+            _spec_digest({"spec": record["spec"], "inputs": _input_digests(section, run["model"], workdir)}),
+            sigterm,
         )
         if sigterm is not None:
             sigterm.training = True

@@ -22,7 +22,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combined_loss, distillation_loss
-from lamda_repro.resume import Preempted, SigtermFlag, last_complete, write_marker
+from lamda_repro.resume import (
+    Preempted,
+    SigtermFlag,
+    complete_checkpoints,
+    identity_folder,
+    is_transient,
+    remove_checkpoint,
+    rotate_checkpoints,
+    set_aside,
+    write_marker,
+)
 
 log = logging.getLogger("lamda_repro.recursive.uptrain")
 
@@ -30,12 +40,17 @@ log = logging.getLogger("lamda_repro.recursive.uptrain")
 @dataclass
 class Checkpointing:
     """Where and when a training loop checkpoints (``UptrainConfig.checkpoint_every``), the spec
-    digest a checkpoint must carry to be resumed, and the SIGTERM flag polled after each step."""
+    digest a checkpoint must carry to be resumed, and the SIGTERM flag polled after each step.
+    The checkpoints go to ``folder``: the digest's own folder below ``directory``."""
 
     directory: Path
     digest: str
     sigterm: SigtermFlag | None = None
     keep: int = 2
+
+    @property
+    def folder(self) -> Path:
+        return identity_folder(self.directory, self.digest)
 
 
 @dataclass
@@ -180,9 +195,9 @@ def train_causal_lm(
     tokens = 0
     first_step, resumes, time_before = 0, 0, 0.0
     if checkpointing is not None:
-        found = last_complete(checkpointing.directory, checkpointing.digest)
+        found = _resume(checkpointing, model, optimizer, scheduler, device)
         if found is not None:
-            state = _load_checkpoint(found[0], model, optimizer, scheduler, device)
+            state = found[1]
             first_step, losses, tokens = state["step"], state["losses"], state["tokens"]
             resumes, time_before = state["resumes"] + 1, state["train_time_s"]
             for _ in range(first_step * cfg.grad_accum):  # the batches those steps consumed
@@ -245,15 +260,13 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
     """``checkpoint-<step>/``: trainable weights (safetensors), optimizer + scheduler + RNG states
     (tensors and plain containers, loaded with weights_only=True), the loop's state, and last the
     completeness marker; older checkpoints beyond ``keep`` are removed once it is written."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    from lamda_repro.resume import checkpoints
-
-    out = Path(ck.directory) / f"checkpoint-{state['step']}"
-    if out.exists():
-        shutil.rmtree(out)
+    out = ck.folder / f"checkpoint-{state['step']}"
+    if out.is_symlink():
+        set_aside(out, "a symbolic link where a checkpoint belongs")
+    elif out.exists():
+        remove_checkpoint(out, ck.folder)
     out.mkdir(parents=True)
     save_file(
         {n: p.detach().cpu().contiguous().clone() for n, p in _trainable(model).items()},
@@ -269,24 +282,46 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
     (out / "state.json").write_text(json.dumps(state))
     write_marker(out, {"step": state["step"], "spec_digest": ck.digest, "resumes": state["resumes"]})
     log.info("checkpoint at step %d complete: %s", state["step"], out)
-    for _step, old in checkpoints(ck.directory)[: -ck.keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate_checkpoints(ck.folder, ck.keep)
+
+
+def _resume(ck: Checkpointing, model, optimizer, scheduler, device) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest complete checkpoint of the run that loads; one that fails to load is set
+    aside (logged) for the previous one, and without any the run starts afresh."""
+    for path, _marker in complete_checkpoints(ck.folder, ck.digest):
+        try:
+            return path, _load_checkpoint(path, model, optimizer, scheduler, device)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning(
+                "loading checkpoint %s failed (%s: %s); falling back to the previous complete checkpoint"
+                " (or a fresh start)",
+                path,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            set_aside(path, "it could not be loaded")
+    return None
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+    """Read every file of the checkpoint first, then apply them (a file that fails to load
+    leaves the model, optimizer and RNG as they were)."""
     from safetensors.torch import load_file
 
     weights = load_file(path / "trainable.safetensors", device=str(device))
     params = _trainable(model)
     if set(weights) != set(params):
         raise DistillConfigError(f"checkpoint {path} does not hold this model's trainable weights")
+    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
+    state = json.loads((path / "state.json").read_text())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["cpu"].cpu())
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng"]["cuda"]])
-    return json.loads((path / "state.json").read_text())
+    return state

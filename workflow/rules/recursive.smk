@@ -18,15 +18,8 @@ try:
 except (ConfigError, RecursiveRunError, ValueError) as exc:
     sys.exit(f"config error: {exc}")
 REC_JSON = json.dumps(REC_RAW, sort_keys=True)
-if REC:  # references into the config's data and models sections (the shared pretraining stage)
-    if REC["corpus"].get("data") and REC["corpus"]["data"] not in CFG["data"]:
-        sys.exit(f"config error: recursive.corpus.data: unknown data set {REC['corpus']['data']!r}")
-    for _name, _entry in REC["models"].items():
-        if "model" in _entry and CFG["models"].get(_entry["model"], {}).get("source") != "build":
-            sys.exit(
-                f"config error: recursive.models.{_name}.model: {_entry['model']!r} is not a models entry"
-                " with source build"
-            )
+# (its references into the config's data and models sections are checked by validate_config,
+# in common.smk, as by `lamda-repro validate`)
 REC_RUNS = {recursive_run_id(run): run for run in REC["runs"]} if REC else {}
 
 

@@ -15,6 +15,8 @@ rule aggregate:
         runs_dir=lambda w: f"{RESULTS}/runs",
         bench_dir=lambda w: f"{RESULTS}/bench",
         out=lambda w: RESULTS,
+        # named in the rerun command of a damaged record's error
+        configfiles=lambda w: [str(f) for f in workflow.configfiles],
     # the figures are drawn in two forked processes while the tables are written (the last job
     # of a run: both cores are free by then)
     threads: 2
@@ -25,7 +27,8 @@ rule aggregate:
     shell:
         "lamda-repro aggregate --runs-dir {params.runs_dir:q} --bench-dir {params.bench_dir:q}"
         " --reference {input.reference:q} --out {params.out:q} --families {params.families:q} --workers {threads:q}"
-        " --records {input.records:q} {input.recursive:q} {input.serving:q} 2>&1 | tee {log:q}"
+        " --records {input.records:q} {input.recursive:q} {input.serving:q}"
+        " --configfile {params.configfiles:q} 2>&1 | tee {log:q}"
 
 
 # The report displays images, HTML and PDF and offers other files as downloads, so every Markdown

@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameter elements; tensors shared between modules count once."""
+    """Trainable and total parameter elements; tensors shared between modules count once; elements a
+    module declares frozen (``frozen_trainable_elements()``) are not trainable."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():  # nn.Module.parameters() already de-duplicates objects
@@ -38,6 +39,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    # A module may hold elements of trainable Parameters that no longer train (LaMDA's frozen
+    # columns of B, kept in one Parameter so data-parallel wrappers see a fixed set).
+    trainable -= sum(
+        m.frozen_trainable_elements() for m in model.modules() if hasattr(m, "frozen_trainable_elements")
+    )
     return {"trainable": trainable, "total": total}
 
 

@@ -283,3 +283,31 @@ def test_bf16_base_model_keeps_fp32_adapters_and_runs_without_autocast():
     model.train()
     model(x, labels=x).loss.backward()
     assert layer.lamda_S["default"].grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_dtype_follows_autocast_adapter_dtype_like_lora(dtype):
+    def adapter_dtypes(config, autocast):
+        model = get_peft_model(tiny_llama().to(dtype), config, autocast_adapter_dtype=autocast)
+        return {
+            n.split(".")[-3 if n.endswith(".weight") else -2]: p.dtype
+            for n, p in model.named_parameters()
+            if "lora_" in n or "lamda_" in n
+        }
+
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
+    lamda = LamdaConfig(r=4, target_modules=["q_proj"])
+    # autocast_adapter_dtype=False: the adapter takes the base layer's dtype, as LoRA's does
+    assert set(adapter_dtypes(lora, False).values()) == {dtype}
+    assert adapter_dtypes(lamda, False) == {
+        n: dtype for n in ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
+    }
+    # True (peft's default): fp32 adapter weights, as LoRA's
+    assert set(adapter_dtypes(lora, True).values()) == {torch.float32}
+    assert set(adapter_dtypes(lamda, True).values()) == {torch.float32}
+    model = get_peft_model(tiny_llama().to(dtype), lamda, autocast_adapter_dtype=False)
+    assert layers(model)[0].lamda_frozen["default"].dtype == torch.uint8  # the mask is not cast
+    x = token_batch()
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert layers(model)[0].lamda_S["default"].grad.dtype == dtype

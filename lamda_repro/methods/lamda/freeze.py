@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from lamda_repro.measure import whole_parameters
 from lamda_repro.methods.lamda.layer import LamdaLayer
 
 REFERENCE_CODE_PERIOD = Fraction(3, 10)
@@ -186,10 +187,13 @@ class LamdaFreezeCallback(TrainerCallback):
         self.controller.freeze_for_step(None, step)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._controller(model, state).freeze_for_step(optimizer, state.global_step)
+        with whole_parameters(model):
+            self._controller(model, state).freeze_for_step(optimizer, state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._controller(model, state).zero_reference_code_gradients(state.global_step)
+        with whole_parameters(model, with_grads=True):
+            self._controller(model, state).zero_reference_code_gradients(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._controller(model, state).freeze_for_step(optimizer, state.global_step)
+        with whole_parameters(model):
+            self._controller(model, state).freeze_for_step(optimizer, state.global_step)

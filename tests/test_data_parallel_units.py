@@ -44,3 +44,17 @@ def test_launch_line_and_request_of_two_nodes_with_four_gpus():
     single = {key: value(one_node) for key, value in res.items() if callable(value)}
     assert single["gpu"] == 4 and single["nodes"] == 1 and single["gres"] == single["mpi"] == ""
     assert single["gpu_model"] == "h100" and res["tasks_per_gpu"] == 0
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
+    from test_train import LORA, tiny_spec
+
+    from lamda_repro.train import run_finetune
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; rank 0 writes the record
+    monkeypatch.delenv("RANK", raising=False)
+    spec = tiny_spec(LORA, gpus=2, distributed="fsdp")
+    record = run_finetune(spec, tmp_path / "rec.json", str(tmp_path / "nowhere"), device="cpu")
+    assert record["status"] == "failed" and "\n" not in record["error"]
+    assert record["error"].startswith("ValueError: training.distributed: fsdp needs CUDA devices")
+    assert not (tmp_path / "nowhere").exists()  # no data read, no checkpoint folder

@@ -13,7 +13,8 @@ QoS, GPU model and node constraint (documented in config/README.md).
 
 from __future__ import annotations
 
-from typing import Any
+import shlex
+from typing import Any, Callable
 
 # The rules that run as cluster jobs, with their sizes per scale: (mem_mb, runtime in minutes).
 # GPU rules train or evaluate models; the others are CPU jobs (a weight-error table).
@@ -67,14 +68,73 @@ SITE_KEYS = {
 }
 
 
-def launcher(training: dict[str, Any], device: str) -> list[str]:
-    """The command a fine-tuning run is started with before ``lamda-repro run``: torchrun with one
-    process per GPU of one node when ``training.gpus`` > 1 (the Trainer then trains with DDP, or
-    FSDP with ``training.distributed: fsdp``); nothing for one GPU or a CPU run."""
-    gpus = int(training.get("gpus", 1))
-    if gpus <= 1 or device == "cpu":
-        return []
-    return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python"]
+# The c10d rendezvous of a multi-node run listens on this port of the allocation's first node.
+RENDEZVOUS_PORT = 29500
+# The allocation's first node, as the job's shell finds it (SLURM lists the nodes in order).
+FIRST_NODE = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+
+
+def run_nodes(training: dict[str, Any]) -> int:
+    """Nodes of one fine-tuning run (``training.nodes``, default 1)."""
+    return int(training.get("nodes", 1))
+
+
+def launcher(training: dict[str, Any], device: str, cpus_per_gpu: int = 8) -> str:
+    """The shell prefix a fine-tuning run is started with before ``lamda-repro run``.
+
+    One node, ``training.gpus`` > 1: torchrun with one process per GPU (the Trainer then trains with
+    DDP, or FSDP with ``training.distributed: fsdp``). ``training.nodes`` > 1: ``srun`` starts one
+    torchrun per node of the allocation (``--ntasks-per-node=1``, all the node's CPUs), and the
+    torchruns meet at a c10d rendezvous on the allocation's first node, keyed by the job id.
+    Nothing for one GPU on one node or a CPU run."""
+    gpus, nodes = int(training.get("gpus", 1)), run_nodes(training)
+    if device == "cpu" or gpus * nodes <= 1:
+        return ""
+    if nodes == 1:
+        return shlex.join(["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python"])
+    srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={gpus * cpus_per_gpu}"]
+    srun.append("--kill-on-bad-exit=1")
+    torchrun = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus}", "--rdzv-backend=c10d"]
+    return (
+        f'{shlex.join(srun + torchrun)} --rdzv-id="$SLURM_JOB_ID" '
+        f"--rdzv-endpoint={FIRST_NODE}:{RENDEZVOUS_PORT} --no-python"
+    )
+
+
+def multinode_resources(res: dict[str, Any], training_of: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Per-job overrides of a GPU rule's resources for runs that may span nodes.
+
+    ``training_of(wildcards)`` gives a job's run settings. A one-node job keeps ``gpu`` (sbatch
+    --gpus, the job's total); a job of N > 1 nodes asks for N nodes with G GPUs on each
+    (``--gres=gpu[:model]:G``: ``--gpus`` would let SLURM spread the total unevenly) and one task per
+    node, and is an ``mpi`` job for the SLURM executor, so the job runs its own ``srun`` (the
+    launcher) instead of being started in a one-task step."""
+    model = res.get("gpu_model")
+    extra = res.get("slurm_extra", "")
+
+    def nodes(w) -> int:
+        return run_nodes(training_of(w))
+
+    def gpus(w) -> int:
+        return int(training_of(w).get("gpus", 1))
+
+    def gres(w) -> str:
+        if nodes(w) == 1:
+            return ""
+        return f"gpu:{model}:{gpus(w)}" if model else f"gpu:{gpus(w)}"
+
+    out: dict[str, Any] = {
+        "nodes": nodes,
+        "gpu": lambda w: gpus(w) if nodes(w) == 1 else 0,
+        "gres": gres,
+        "tasks": nodes,  # one task per node: srun starts one torchrun on each
+        "tasks_per_gpu": 0,  # no --ntasks-per-gpu
+        "mpi": lambda w: "srun" if nodes(w) > 1 else "",
+        "slurm_extra": lambda w: f"{extra} --ntasks-per-node=1".strip() if nodes(w) > 1 else extra,
+    }
+    if model:
+        out["gpu_model"] = lambda w: model if nodes(w) == 1 else ""
+    return out
 
 
 def job_resources(

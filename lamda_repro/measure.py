@@ -7,6 +7,7 @@ the methods (e.g. lamda_repro.methods.lamda) and in lamda_repro.recursive.counts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameter elements; tensors shared between modules count once."""
+    """Trainable and total parameter elements; tensors shared between modules count once; elements a
+    module declares frozen (``frozen_trainable_elements()``) are not trainable."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():  # nn.Module.parameters() already de-duplicates objects
@@ -38,7 +40,23 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    # A module may hold elements of trainable Parameters that no longer train (LaMDA's frozen
+    # columns of B, kept in one Parameter so data-parallel wrappers see a fixed set).
+    trainable -= sum(
+        m.frozen_trainable_elements() for m in model.modules() if hasattr(m, "frozen_trainable_elements")
+    )
     return {"trainable": trainable, "total": total}
+
+
+def whole_parameters(model: nn.Module, with_grads: bool = False):
+    """A context in which ``model``'s parameters are whole: FSDP keeps only its shard of each
+    parameter outside the forward, so for an FSDP root this is ``summon_full_params`` with write-back
+    (a collective: every rank enters it); for any other model, nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, writeback=True, with_grads=with_grads)
+    return contextlib.nullcontext()
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -42,6 +42,11 @@ from lamda_repro.tasks.metrics import Unavailable
 log = logging.getLogger("lamda_repro.train")
 
 
+def world_size() -> int:
+    """Processes training this run together (torchrun's WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -102,11 +107,13 @@ def run_identity(spec: RunSpec, workdir: str) -> dict[str, Any]:
     return {"digest": identity_digest(parts), "inputs": inputs, "code_version": lamda_repro.__version__}
 
 
-def _total_steps(n_train: int, tr: dict[str, Any]) -> int:
-    """Optimizer steps of the run, as the Trainer will count them."""
+def _total_steps(n_train: int, tr: dict[str, Any], processes: int = 1) -> int:
+    """Optimizer steps of the run, as the Trainer will count them: with several processes each
+    takes ``batch_size`` examples per micro-batch, so an epoch has 1/processes as many steps."""
     if tr.get("max_steps", -1) > 0:
         return int(tr["max_steps"])
-    updates_per_epoch = max(1, math.ceil(math.ceil(n_train / tr["batch_size"]) / tr["grad_accum"]))
+    batches = math.ceil(n_train / (tr["batch_size"] * processes))
+    updates_per_epoch = max(1, math.ceil(batches / tr["grad_accum"]))
     return max(1, math.ceil(updates_per_epoch * tr["epochs"]))
 
 
@@ -114,6 +121,25 @@ def _warmup_steps(ratio: float, total_steps: int) -> float | int:
     """TrainingArguments.warmup_steps for a warmup ratio: a value below 1 is read as a ratio of
     the run, a value of 1 or more as a step count, so the whole run (ratio 1) is its step count."""
     return float(ratio) if ratio < 1 else total_steps
+
+
+def loss_uses_item_count(model, batch: dict[str, Any]) -> bool:
+    """Whether the model's loss on ``batch`` depends on ``num_items_in_batch`` (a sum divided by the
+    item count, as transformers' causal-LM losses are) rather than being a mean of its own."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = model(**batch).loss
+            try:
+                counted = model(**batch, num_items_in_batch=torch.tensor(10**6, device=plain.device)).loss
+            except TypeError:
+                return False
+    finally:
+        model.train(was_training)
+    return not torch.equal(plain, counted)
 
 
 def _make_trainer_class():
@@ -257,6 +283,13 @@ def _run(
         raise ValueError(
             "training.precision: fp16 needs a CUDA device, this run's device is cpu (use fp32 or bf16)"
         )
+    world = world_size()
+    sharded = tr.get("distributed") == "fsdp" and world > 1
+    if sharded and device == "cpu":
+        raise ValueError(
+            "training.distributed: fsdp needs CUDA devices (on CPU the Trainer silently trains with DDP "
+            "instead); use ddp on CPU, or check FSDP on GPUs with scripts/check_fsdp_gpu.sh"
+        )
     set_seed(spec.seed)
     identity = run_identity(spec, workdir)
     record["identity"] = identity
@@ -266,7 +299,7 @@ def _run(
     num_labels = task.num_labels if task.task_kind == "seq-cls" else None
     model, tok = load_model(spec.model_params, spec.model, workdir, task.task_kind, num_labels)
     tokenized = {split: task.tokenize(ds, tok, tr["max_length"]) for split, ds in raw.items()}
-    total_steps = _total_steps(len(tokenized["train"]), tr)
+    total_steps = _total_steps(len(tokenized["train"]), tr, world)
     method = build_method(spec.method_params)
     ctx = MethodContext(task_kind=task.task_kind, model_type=model.config.model_type, total_steps=total_steps)
     record["params"]["base_total"] = measure.count_parameters(model)["total"]
@@ -337,7 +370,7 @@ def _run(
         fp16=precision == "fp16",
         dataloader_num_workers=0,
         # several GPUs (torchrun, lamda_repro/cluster.py launcher): DDP, or FSDP when asked
-        fsdp="full_shard auto_wrap" if tr.get("distributed") == "fsdp" and tr.get("gpus", 1) > 1 else "",
+        fsdp="full_shard auto_wrap" if sharded else "",
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -359,6 +392,10 @@ def _run(
         optimizers=(optimizer, None) if optimizer is not None else (None, None),
     )
     trainer.token_counter = tokens
+    # The Trainer hands num_items_in_batch to any model whose forward takes **kwargs and then skips
+    # its own scaling (x processes, / accumulation steps) of the loss; a model whose loss is a plain
+    # mean ignores it (classification heads, BART), so that scaling must stay on.
+    trainer.model_accepts_loss_kwargs = loss_uses_item_count(model, first)
     checkpoint_cb.trainer = trainer
     sigterm.training = True
     with measure.PeakMemory(device) as peak:
@@ -378,8 +415,14 @@ def _run(
     breakdown["train_state_bytes"] = sum(breakdown.values())
     record["memory"] = {**peak.result(), **breakdown}
     record["parameter_updates"] = updates.total
-    record["params"]["trainable_after_training"] = measure.count_parameters(model)["trainable"]
+    with measure.whole_parameters(trainer.model_wrapped):  # FSDP: the model's count, not a shard's
+        record["params"]["trainable_after_training"] = measure.count_parameters(model)["trainable"]
     record["method_info"] = method.record_info(model)
+    if world > 1 and not sharded and not rank_zero():
+        # DDP replicas are identical (same B, same weights): rank 0 alone scores every eval example
+        # once and writes the record; the other ranks are done. (FSDP shards the weights, so every
+        # rank takes part in each forward there.)
+        return
 
     t_eval = time.perf_counter()
     train_loss = float(train_out.training_loss)
@@ -389,10 +432,12 @@ def _run(
         train_loss = (resumed["loss_sum"] + train_loss * steps_now) / trainer.state.global_step
     metrics: dict[str, float] = {"train_loss": train_loss}
     unavailable: dict[str, str] = {}
+    eval_examples = 0
     for split in tokenized:
         if not split.startswith("eval"):
             continue
         suffix = split[len("eval") :]
+        eval_examples += len(raw[split])
         m = task.evaluate(model, tok, raw[split], tokenized[split], tr["eval_batch_size"], spec.generation)
         for k, v in m.items():
             if isinstance(v, Unavailable):
@@ -409,7 +454,6 @@ def _run(
     train_time = tokens.train_time_s or float(train_out.metrics.get("train_runtime", 0.0))
     train_time += resumed.get("train_time_s", 0.0)  # earlier attempts' training time
     # with several GPUs (DDP), every process counts its own batches, of the same size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     n_tokens, samples = tokens.tokens * world, tokens.samples * world
     record["throughput"] = {
         "train_steps": int(trainer.state.global_step),
@@ -418,4 +462,6 @@ def _run(
         "train_tokens_per_s": round(n_tokens / train_time, 3) if train_time else None,
         "train_tokens": n_tokens,
         "eval_time_s": round(eval_time, 3),
+        "eval_examples": eval_examples,
+        "processes": world,
     }

@@ -145,13 +145,18 @@ def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_pat
 
     from lamda_repro.cluster import launcher
 
-    assert launcher({"gpus": 4}, "cuda") == ["torchrun", "--standalone", "--nproc-per-node=4", "--no-python"]
-    assert launcher({"gpus": 4}, "cpu") == [] and launcher({}, "cuda") == []
+    assert launcher({"gpus": 4}, "cuda") == "torchrun --standalone --nproc-per-node=4 --no-python"
+    assert launcher({"gpus": 4}, "cpu") == "" and launcher({}, "cuda") == ""
     cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     cfg["experiments"]["gsm8k"]["training"] = {
         **cfg["experiments"]["gsm8k"].get("training", {}),
         "gpus": 4,
         "distributed": "fsdp",
+    }
+    cfg["experiments"]["e2e"]["training"] = {
+        **cfg["experiments"]["e2e"].get("training", {}),
+        "gpus": 4,
+        "nodes": 2,
     }
     (tmp_path / "paper4.yaml").write_text(yaml.safe_dump(cfg))
     proc = _dry_run("-p", "--profile", "slurm", "--configfile", str(tmp_path / "paper4.yaml"))
@@ -161,13 +166,31 @@ def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_pat
     outputs = re.findall(r"rule finetune:\n    output: [\w-]+/runs/(\w+)/", text)
     assert len(outputs) == len(jobs) > 200
     for (_, res), experiment in zip(jobs, outputs, strict=True):
-        assert res["gpu"] == ("4" if experiment == "gsm8k" else "1"), experiment
+        assert res["gpu"] == {"gsm8k": "4", "e2e": "0"}.get(experiment, "1"), experiment
         assert res["cpus_per_gpu"] == "8" and res["mem_mb"] == "64000"
+        # nodes 2 x gpus 4: two nodes with 4 GPUs each, one task (one torchrun) per node
+        multi = experiment == "e2e"
+        assert res["nodes"] == ("2" if multi else "1") and res["tasks"] == res["nodes"]
+        assert res["gres"] == ("gpu:4" if multi else "") and res["mpi"] == ("srun" if multi else "")
+        assert ("--ntasks-per-node=1" in res["slurm_extra"]) == multi and "--signal=TERM@600" in res[
+            "slurm_extra"
+        ]
     commands = [c.strip() for c in re.findall(r"^Shell command:(.*lamda-repro run --spec .*)$", text, re.M)]
     assert len(commands) == len(jobs)
     gsm8k = [c for c in commands if '"experiment": "gsm8k"' in c]
     assert gsm8k and all(
         c.startswith("torchrun --standalone --nproc-per-node=4 --no-python lamda-repro run") for c in gsm8k
     )
-    assert all(c.startswith("lamda-repro run") for c in commands if c not in gsm8k)
+    e2e = [c for c in commands if '"experiment": "e2e"' in c]
+    first_node = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+    assert e2e and all(
+        c.startswith(
+            "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 "
+            'torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-id="$SLURM_JOB_ID" '
+            f"--rdzv-endpoint={first_node}:29500 "
+            "--no-python lamda-repro run"
+        )
+        for c in e2e
+    )
+    assert all(c.startswith("lamda-repro run") for c in commands if c not in gsm8k + e2e)
     assert all('"distributed": "fsdp", ' in c and '"gpus": 4' in c for c in gsm8k)

@@ -76,7 +76,9 @@ def test_requires_grad_a_never_s_always_b_until_frozen():
     for layer in layers(model):
         assert not layer.lamda_A["default"].requires_grad
         assert layer.lamda_S["default"].requires_grad
-        assert not layer.lamda_B["default"].requires_grad
+        # one process: a fully frozen B leaves training (data-parallel: tests/test_lamda_freeze.py)
+        assert not layer.lamda_B["default"].requires_grad and layer.frozen_components("default") == 4
+        assert layer.frozen_trainable_elements() == 0
         assert not layer.lamda_B_frozen["default"].requires_grad
 
 
@@ -214,7 +216,8 @@ def test_adapter_path_saves_no_input_sized_tensor():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum().backward()
-    assert shapes and all(s[-1] == 4 for s in shapes), shapes
+    # activations end in r; the rest is weight-sized (B's freeze mask)
+    assert shapes and all(s[-1] == 4 or s == (4,) for s in shapes), shapes
 
 
 def test_optimizer_state_is_r_squared_per_module_after_full_freeze():
@@ -280,3 +283,31 @@ def test_bf16_base_model_keeps_fp32_adapters_and_runs_without_autocast():
     model.train()
     model(x, labels=x).loss.backward()
     assert layer.lamda_S["default"].grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_dtype_follows_autocast_adapter_dtype_like_lora(dtype):
+    def adapter_dtypes(config, autocast):
+        model = get_peft_model(tiny_llama().to(dtype), config, autocast_adapter_dtype=autocast)
+        return {
+            n.split(".")[-3 if n.endswith(".weight") else -2]: p.dtype
+            for n, p in model.named_parameters()
+            if "lora_" in n or "lamda_" in n
+        }
+
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
+    lamda = LamdaConfig(r=4, target_modules=["q_proj"])
+    # autocast_adapter_dtype=False: the adapter takes the base layer's dtype, as LoRA's does
+    assert set(adapter_dtypes(lora, False).values()) == {dtype}
+    assert adapter_dtypes(lamda, False) == {
+        n: dtype for n in ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
+    }
+    # True (peft's default): fp32 adapter weights, as LoRA's
+    assert set(adapter_dtypes(lora, True).values()) == {torch.float32}
+    assert set(adapter_dtypes(lamda, True).values()) == {torch.float32}
+    model = get_peft_model(tiny_llama().to(dtype), lamda, autocast_adapter_dtype=False)
+    assert layers(model)[0].lamda_frozen["default"].dtype == torch.uint8  # the mask is not cast
+    x = token_batch()
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert layers(model)[0].lamda_S["default"].grad.dtype == dtype

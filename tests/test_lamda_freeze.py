@@ -97,7 +97,7 @@ def test_frozen_components_are_bit_identical_under_adamw_weight_decay():
     assert not torch.equal(snapshots[-1][name][:, 3], snapshots[0][name][:, 3])
 
 
-def test_full_freeze_removes_b_from_optimizer_and_frees_its_state():
+def test_full_freeze_on_one_process_removes_b_from_optimizer_and_frees_its_state():
     model = _lamda(total=4, fraction=0.5)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
@@ -115,11 +115,34 @@ def test_full_freeze_removes_b_from_optimizer_and_frees_its_state():
     assert len(optimizer.state) == len(in_optimizer)
 
 
+def test_full_freeze_of_a_data_parallel_replica_keeps_b_with_zero_state_and_gradient(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a wrapper registered B: it must stay the same Parameter
+    model = _lamda(total=4, fraction=0.5)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    controller = LamdaFreezeController(model, 4)
+    b_objects = {id(m.lamda_B["default"]) for m in model.modules() if isinstance(m, LamdaLayer)}
+    _loop(model, optimizer, controller, 2)
+    controller.freeze_for_step(optimizer, 2)
+    x = token_batch()
+    model(x, labels=x).loss.backward()
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for module in model.modules():
+        if isinstance(module, LamdaLayer):
+            B = module.lamda_B["default"]
+            assert module.frozen_components("default") == 4 and id(B) in b_objects and id(B) in in_optimizer
+            assert all(torch.count_nonzero(v) == 0 for v in optimizer.state[B].values() if v.dim() == 2)
+            assert B.grad is not None and torch.count_nonzero(B.grad) == 0  # in the graph, no gradient
+            assert module.frozen_trainable_elements() == B.numel()
+            assert torch.count_nonzero(module.lamda_S["default"].grad) > 0
+
+
 def test_partial_freeze_keeps_optimizer_state_of_remaining_columns():
     model = _lamda(total=8, fraction=1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     controller = LamdaFreezeController(model, 8)
-    _loop(model, optimizer, controller, 1)
+    _loop(model, optimizer, controller, 2)  # S = 0 at step 0: B's first gradient is 0
     layer = next(m for m in model.modules() if isinstance(m, LamdaLayer))
     before = optimizer.state[layer.lamda_B["default"]]["exp_avg"].clone()
     k0 = layer.frozen_components("default")
@@ -127,7 +150,8 @@ def test_partial_freeze_keeps_optimizer_state_of_remaining_columns():
     k1 = layer.frozen_components("default")
     assert k1 > k0
     after = optimizer.state[layer.lamda_B["default"]]["exp_avg"]
-    assert torch.equal(after, before[:, k1 - k0 :])
+    assert torch.equal(after[:, k1:], before[:, k1:]) and torch.count_nonzero(before[:, k0:k1]) > 0
+    assert torch.count_nonzero(after[:, :k1]) == 0
 
 
 def test_reference_code_rule_lets_zeroed_columns_move():
@@ -168,7 +192,7 @@ def test_trainer_callback_freezes_b_and_counts_updates(tmp_path):
 
     class Count(TrainerCallback):
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-            updates.append(updated_elements_in_optimizer(getattr(optimizer, "optimizer", optimizer)))
+            updates.append(updated_elements_in_optimizer(getattr(optimizer, "optimizer", optimizer), model))
 
     args = TrainingArguments(
         output_dir=str(tmp_path),

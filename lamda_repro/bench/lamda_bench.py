@@ -172,11 +172,28 @@ def _optimizer_state_split(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return out
 
 
+def _frozen_elements(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> its elements a module declares frozen (LaMDA's frozen columns of B)."""
+    out: dict[int, int] = {}
+    for module in model.modules():
+        for adapter, B in getattr(module, "lamda_B", {}).items():
+            out[id(B)] = module.out_features * module.frozen_components(adapter)
+    return out
+
+
+def _trainable_elements(model: nn.Module) -> Callable[[nn.Parameter], int]:
+    frozen = _frozen_elements(model)
+    return lambda p: p.numel() - frozen.get(id(p), 0)
+
+
 def _updated_split(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Elements the optimizer step updates: trainable parameters in the optimizer with a gradient."""
+    """Elements the optimizer step updates: trainable parameters in the optimizer with a gradient,
+    less LaMDA's frozen columns of B."""
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     return _split_params(
-        model, lambda p: id(p) in in_optimizer and p.requires_grad and p.grad is not None, lambda p: p.numel()
+        model,
+        lambda p: id(p) in in_optimizer and p.requires_grad and p.grad is not None,
+        _trainable_elements(model),
     )
 
 
@@ -304,6 +321,7 @@ def _freeze_all(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(module, LamdaLayer):
             for adapter in module.lamda_S:
                 module.freeze_components(adapter, module.r[adapter], optimizer)
+                module.release_b(adapter, optimizer)  # one process: B leaves training
 
 
 def lamda_run_updates(model: nn.Module, run_steps: int, freeze_fraction: float) -> dict[str, int]:
@@ -359,7 +377,7 @@ def _measure(
             _sync(device)
             times.append(time.perf_counter() - t0)
     return {
-        "trainable": _split_params(model, lambda p: p.requires_grad, lambda p: p.numel()),
+        "trainable": _split_params(model, lambda p: p.requires_grad, _trainable_elements(model)),
         "updates_per_step": record["updated"],
         "param_bytes": _split_params(model, lambda p: True, _bytes),
         "grad_bytes": record["grads"],

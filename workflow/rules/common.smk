@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
 from lamda_repro import warm
-from lamda_repro.cluster import job_resources, launcher
+from lamda_repro.cluster import job_resources, launcher, multinode_resources, run_nodes
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
@@ -61,10 +61,12 @@ def run_gpus(spec):
 
 def finetune_resources():
     """Cluster resources of the finetune rule (lamda_repro/cluster.py); a GPU job asks for its
-    run's `training.gpus`."""
+    run's `training.gpus`, on `training.nodes` nodes."""
     res = job_resources(CFG, "finetune")
     if res["gpu"]:
         res["gpu"] = lambda w: run_gpus(run_spec(w))
+        if any(run_nodes(spec.training) > 1 for spec in RUNS.values()):
+            res.update(multinode_resources(res, lambda w: run_spec(w).training))
     return res
 
 

@@ -44,7 +44,9 @@ rule finetune:
         device=CFG["device"],
         offline="" if CFG["offline"] else "--online",
         workdir=WORKDIR,
-        launcher=lambda w: launcher(run_spec(w).training, CFG["device"]),
+        launcher=lambda w: launcher(
+            run_spec(w).training, CFG["device"], job_resources(CFG, "finetune").get("cpus_per_gpu", 8)
+        ),
     threads: max(1, CFG["threads"])
     resources:
         **finetune_resources(),
@@ -53,5 +55,5 @@ rule finetune:
     conda:
         "../../environment.yml"
     shell:
-        "{params.launcher:q} lamda-repro run --spec {params.spec:q} --out {output:q} --workdir {params.workdir:q}"
+        "{params.launcher} lamda-repro run --spec {params.spec:q} --out {output:q} --workdir {params.workdir:q}"
         " --device {params.device:q} --threads {threads:q} {params.offline:q} > {log:q} 2>&1"

@@ -2,8 +2,9 @@
 
 Default rule (this suite's reading of the paper): over the first ``freeze_fraction`` of the T
 optimizer steps, component k (0-based, largest singular value first) is frozen from step
-floor(k * freeze_fraction * T / r) on. Frozen components leave the optimizer (see
-``LamdaLayer.freeze_components``), so they are bit-identical from then on.
+floor(k * freeze_fraction * T / r) on. A frozen component's column is read from its frozen copy
+and gets no gradient (see ``LamdaLayer.freeze_components``), so it is bit-identical from then on,
+with any optimizer and under data-parallel wrappers (no Parameter is replaced).
 
 ``init='reference_code'`` instead reproduces the public reference code: before each optimizer
 step the gradient of the first t = floor(progress / 0.3) columns is zeroed (t <= 3), and nothing
@@ -13,6 +14,7 @@ else is done, so those columns still move under AdamW momentum and weight decay.
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from typing import Optional
 
@@ -20,31 +22,24 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from lamda_repro.methods.lamda.layer import LamdaLayer, LamdaOptimizerError
+from lamda_repro.measure import whole_parameters
+from lamda_repro.methods.lamda.layer import LamdaLayer
 
 REFERENCE_CODE_PERIOD = Fraction(3, 10)
 
 
-def _splittable_optimizers() -> tuple[type, ...]:
-    """Optimizers whose state LaMDA splits when columns of B freeze (per-element or Adafactor-factored)."""
-    from transformers.optimization import Adafactor as HFAdafactor
+def data_parallel() -> bool:
+    """Whether this process is one of several training replicas (torchrun sets WORLD_SIZE).
 
-    optim = torch.optim
-    return (
-        optim.SGD, optim.Adam, optim.AdamW, optim.Adamax, optim.NAdam, optim.RAdam,
-        optim.RMSprop, optim.Adagrad, optim.Adadelta, optim.Adafactor, HFAdafactor,
-    )  # fmt: skip
+    A data-parallel wrapper registered B's gradient when it wrapped the model, so a fully frozen B
+    then stays a Parameter with a zero gradient; on one process it leaves training (no gradient,
+    no optimizer state). The answer is the same for the whole run, also when it resumes.
+    """
+    import torch.distributed as dist
 
-
-def check_optimizer_can_freeze(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse, in one line, an optimizer whose state cannot be split column by column."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
-    if not isinstance(inner, _splittable_optimizers()):
-        names = ", ".join(cls.__name__ for cls in _splittable_optimizers())
-        raise LamdaOptimizerError(
-            f"LaMDA freezes B column by column and splits the optimizer state; {type(inner).__name__} is not "
-            f"supported (supported: {names}; or set freeze_fraction 0 so that B is frozen before training)"
-        )
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def frozen_count_at_step(step: int, r: int, freeze_fraction: float, total_steps: int) -> int:
@@ -93,16 +88,6 @@ class LamdaFreezeController:
             raise ValueError("the model has no LaMDA layers to freeze")
         self.total_steps = total_steps if total_steps is not None else configured_total_steps(model)
         self.history: list[tuple[int, int]] = []  # (step, newly frozen components)
-        self._checked_optimizers: set[int] = set()
-
-    def _b_trains(self) -> bool:
-        """Whether some spectral-rule adapter still has trainable columns of B (to be frozen later)."""
-        return any(
-            module.lamda_B[a].requires_grad and module.lamda_B[a].shape[1] > 0
-            for _, module in self.layers
-            for a in module.lamda_S
-            if self._rule(module, a) == "spectral"
-        )
 
     def _rule(self, module: LamdaLayer, adapter: str) -> str:
         return "reference_code" if module.lamda_init[adapter] == "reference_code" else "spectral"
@@ -125,9 +110,6 @@ class LamdaFreezeController:
     ) -> int:
         """Freeze every component due by ``step``; returns how many became newly frozen."""
         total = self._resolve_total(total_steps)
-        if optimizer is not None and id(optimizer) not in self._checked_optimizers and self._b_trains():
-            check_optimizer_can_freeze(optimizer)
-            self._checked_optimizers.add(id(optimizer))
         newly = 0
         for _, module in self.layers:
             for adapter in module.lamda_S:
@@ -135,6 +117,12 @@ class LamdaFreezeController:
                     continue
                 count = frozen_count_at_step(step, module.r[adapter], self._freeze_fraction(adapter), total)
                 newly += module.freeze_components(adapter, count, optimizer)
+                if (
+                    count == module.r[adapter]
+                    and module.lamda_B[adapter].requires_grad
+                    and not data_parallel()
+                ):
+                    module.release_b(adapter, optimizer)
         if newly:
             self.history.append((step, newly))
         return newly
@@ -153,14 +141,10 @@ class LamdaFreezeController:
                     B.grad[:, :t] = 0
 
     def before_optimizer_step(
-        self, optimizer: torch.optim.Optimizer, step: int, total_steps: Optional[int] = None
+        self, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None
     ) -> int:
-        """Plain-loop entry point: apply both rules for optimizer step ``step``."""
-        if optimizer is None:
-            raise LamdaOptimizerError(
-                "LamdaFreezeController.before_optimizer_step needs the optimizer that trains the adapter "
-                "(freezing B without it would leave B's remaining columns out of training)"
-            )
+        """Plain-loop entry point: apply both rules for optimizer step ``step`` (the optimizer, when
+        given, has its state of newly frozen columns zeroed)."""
         newly = self.freeze_for_step(optimizer, step, total_steps)
         self.zero_reference_code_gradients(step, total_steps)
         return newly
@@ -195,18 +179,21 @@ class LamdaFreezeCallback(TrainerCallback):
         return self.controller
 
     def resume_at(self, model: nn.Module, step: int) -> None:
-        """Restore the freeze state of optimizer step ``step`` (a resumed run, before its optimizer
-        and checkpoint are loaded, so that shapes and optimizer entries match the checkpoint's)."""
+        """Restore the freeze state of optimizer step ``step`` (a resumed run, before its
+        checkpoint is loaded; the checkpoint's adapter then brings the frozen columns' values)."""
         if self.controller is None:
             total = self.total_steps or configured_total_steps(model)
             self.controller = LamdaFreezeController(model, total)
         self.controller.freeze_for_step(None, step)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._controller(model, state).freeze_for_step(optimizer, state.global_step)
+        with whole_parameters(model):
+            self._controller(model, state).freeze_for_step(optimizer, state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._controller(model, state).zero_reference_code_gradients(state.global_step)
+        with whole_parameters(model, with_grads=True):
+            self._controller(model, state).zero_reference_code_gradients(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._controller(model, state).freeze_for_step(optimizer, state.global_step)
+        with whole_parameters(model):
+            self._controller(model, state).freeze_for_step(optimizer, state.global_step)

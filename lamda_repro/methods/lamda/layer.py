@@ -5,26 +5,28 @@ The base layer is a ``torch.nn.Linear`` (weight d_out x d_in) or a
 the base weight (SVD init, residual, merge) goes through ``weight_out_in`` / ``set_weight_out_in``,
 which present it as d_out x d_in whatever the layout, so A, S and B are the same in both cases.
 
-B is held as two parameters per adapter: ``lamda_B_frozen`` (the first k columns, frozen
-components, never in an optimizer) and ``lamda_B`` (the remaining r - k trainable columns).
-Freezing a component moves a column from the second to the first and shrinks the optimizer
-state of ``lamda_B`` in place, so a frozen component cannot move (no momentum, no weight decay)
-and keeps no optimizer state. The number of frozen components is the width of
-``lamda_B_frozen``, so it is saved with the adapter.
+B keeps one shape and one Parameter object for the whole run, so that a data-parallel wrapper
+(DDP, FSDP) that registered it at wrap time keeps averaging the gradient of the tensor that trains.
+Per adapter: ``lamda_B`` (d_out x r, trainable), ``lamda_B_frozen`` (d_out x r, no gradient: the
+values of the frozen columns, copied from ``lamda_B`` when they freeze) and ``lamda_frozen`` (a
+persistent r-element 0/1 buffer, 1 = column frozen). The forward uses
+``where(frozen, lamda_B_frozen, lamda_B)``: a frozen column's value comes from the copy, so no
+optimizer (momentum, weight decay) can move it, and its gradient in ``lamda_B`` is exactly zero.
+Freezing also zeroes the frozen columns' per-element optimizer state. All three are saved with the
+adapter, so the freeze state travels with it.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.pytorch_utils import Conv1D
 
 from lamda_repro.methods.lamda.config import LamdaConfig, LamdaConfigError
@@ -37,7 +39,7 @@ class LamdaLayer(BaseTunerLayer):
     """Per-adapter LaMDA weights of one linear layer, keyed by adapter name (peft convention)."""
 
     adapter_layer_names = ("lamda_A", "lamda_S", "lamda_B", "lamda_B_frozen")
-    other_param_names = ("r", "lamda_alpha", "scaling", "lamda_dropout", "lamda_init")
+    other_param_names = ("r", "lamda_alpha", "scaling", "lamda_dropout", "lamda_init", "lamda_frozen")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -50,6 +52,7 @@ class LamdaLayer(BaseTunerLayer):
         self.lamda_S = nn.ParameterDict({})
         self.lamda_B = nn.ParameterDict({})
         self.lamda_B_frozen = nn.ParameterDict({})
+        self.lamda_frozen = BufferDict({}, persistent=True)
         self.frozen_peft_weight_names = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -97,9 +100,11 @@ class LamdaLayer(BaseTunerLayer):
         self.lamda_A[adapter_name] = nn.Parameter(A.to(device), requires_grad=False)
         self.lamda_S[adapter_name] = nn.Parameter(S.to(device))
         self.lamda_B[adapter_name] = nn.Parameter(B.to(device))
-        self.lamda_B_frozen[adapter_name] = nn.Parameter(
-            B.new_zeros(self.out_features, 0).to(device), requires_grad=False
-        )
+        self.lamda_B_frozen[adapter_name] = nn.Parameter(torch.zeros_like(B).to(device), requires_grad=False)
+        self.lamda_frozen[adapter_name] = torch.zeros(r, dtype=torch.uint8, device=device)
+        # Like LoRA: the adapter takes the base layer's dtype; peft's autocast_adapter_dtype=True
+        # (its default) then casts bf16/fp16 adapter weights back to fp32 after injection.
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.frozen_peft_weight_names = dict(self.frozen_peft_weight_names)
         self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -132,25 +137,38 @@ class LamdaLayer(BaseTunerLayer):
         return A.cpu(), S.cpu(), B.cpu()
 
     # -- freeze state ------------------------------------------------------------------------
+    def frozen_mask(self, adapter_name: str) -> torch.Tensor:
+        """Boolean r-vector: True where the column of B is frozen."""
+        return self.lamda_frozen[adapter_name].bool()
+
     def frozen_components(self, adapter_name: str) -> int:
         """How many columns of B (largest singular directions first) are frozen."""
-        return self.lamda_B_frozen[adapter_name].shape[1]
+        return int(self.lamda_frozen[adapter_name].sum().item())
+
+    def frozen_trainable_elements(self) -> int:
+        """Elements of trainable Parameters that are frozen (the frozen columns of every B)."""
+        return sum(
+            self.out_features * self.frozen_components(a)
+            for a in self.lamda_B
+            if self.lamda_B[a].requires_grad
+        )
 
     def full_B(self, adapter_name: str) -> torch.Tensor:
-        """B as one d_out x r matrix: frozen columns then trainable ones."""
-        return torch.cat([self.lamda_B_frozen[adapter_name], self.lamda_B[adapter_name]], dim=1)
+        """B as used by the forward: the frozen columns' copies, the trainable columns' values."""
+        return torch.where(
+            self.frozen_mask(adapter_name), self.lamda_B_frozen[adapter_name], self.lamda_B[adapter_name]
+        )
 
     @torch.no_grad()
     def freeze_components(
-        self, adapter_name: str, count: int, optimizer: Optional[torch.optim.Optimizer]
+        self, adapter_name: str, count: int, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> int:
         """Freeze the first ``count`` columns of B; returns how many became newly frozen.
 
-        The moved columns leave ``lamda_B`` (and the slices of its optimizer state leave the
-        optimizer); when all r are frozen, ``lamda_B`` is taken out of the optimizer and its
-        state deleted. Freezing is monotone: a smaller count than the current one is ignored.
-        ``optimizer`` is required: the optimizer training B, or None before any optimizer holds
-        B (an optimizer that holds the replaced B then refuses to step: LamdaOptimizerError).
+        The newly frozen columns are copied into ``lamda_B_frozen`` (the forward reads them from
+        there from now on), their gradient is zeroed, and so is their per-element state in
+        ``optimizer`` when one is given. No Parameter is created or replaced. Freezing is
+        monotone: a smaller count than the current one is ignored.
         """
         r = self.r[adapter_name]
         if not 0 <= count <= r:
@@ -159,37 +177,44 @@ class LamdaLayer(BaseTunerLayer):
         moved = count - done
         if moved <= 0:
             return 0
-        old = self.lamda_B[adapter_name]
-        fully = count == r
-        # A new Parameter object (not a resized .data): autograd caches shape metadata per leaf.
-        new = nn.Parameter(old.data[:, moved:].clone(), requires_grad=not fully and old.requires_grad)
-        if old.grad is not None and not fully:
-            new.grad = old.grad[:, moved:].clone()
+        B = self.lamda_B[adapter_name]
+        self.lamda_B_frozen[adapter_name][:, done:count] = B[:, done:count]
+        self.lamda_frozen[adapter_name][:count] = 1
+        if B.grad is not None:
+            B.grad[:, :count] = 0
         if optimizer is not None:
-            # May refuse (LamdaOptimizerError) before anything has moved.
-            _move_optimizer_entry(optimizer, old, None if fully else new, moved)
-        elif old.requires_grad and not fully:
-            _REPLACED_WITHOUT_OPTIMIZER[id(old)] = old
-        self.lamda_B_frozen[adapter_name] = nn.Parameter(
-            torch.cat([self.lamda_B_frozen[adapter_name].data, old.data[:, :moved]], dim=1),
-            requires_grad=False,
-        )
-        self.lamda_B[adapter_name] = new
-        if fully:
-            self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS + ("lamda_B",)
+            zero_frozen_optimizer_state(optimizer, B, count)
         return moved
 
+    def release_b(self, adapter_name: str, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Take a fully frozen B out of training: ``requires_grad=False``, out of ``optimizer``, its
+        state deleted. Only for a model no data-parallel wrapper holds (it registered B's gradient)."""
+        if self.frozen_components(adapter_name) != self.r[adapter_name]:
+            raise ValueError(f"B of adapter {adapter_name!r} still has trainable columns")
+        B = self.lamda_B[adapter_name]
+        B.requires_grad_(False)
+        B.grad = None
+        self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS + ("lamda_B",)
+        if optimizer is not None:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            for group in inner.param_groups:
+                names = group.get("param_names")
+                for i in range(len(group["params"]) - 1, -1, -1):
+                    if group["params"][i] is B:
+                        del group["params"][i]
+                        if names is not None:
+                            del names[i]
+            inner.state.pop(B, None)
+
     def resize_frozen(self, adapter_name: str, count: int) -> None:
-        """Set the split of B to ``count`` frozen columns without an optimizer (used when loading)."""
+        """Mark exactly the first ``count`` columns frozen, taking their values from B (no optimizer)."""
         r = self.r[adapter_name]
         if not 0 <= count <= r:
-            raise ValueError(f"saved freeze count {count} outside [0, {r}] for LaMDA rank {r}")
-        B = self.full_B(adapter_name).detach()
-        fully = count == r
-        trainable = self.lamda_B[adapter_name].requires_grad and not fully
-        self.lamda_B_frozen[adapter_name] = nn.Parameter(B[:, :count].clone(), requires_grad=False)
-        self.lamda_B[adapter_name] = nn.Parameter(B[:, count:].clone(), requires_grad=trainable)
-        self.frozen_peft_weight_names[adapter_name] = FROZEN_WEIGHTS + (("lamda_B",) if fully else ())
+            raise ValueError(f"freeze count {count} outside [0, {r}] for LaMDA rank {r}")
+        with torch.no_grad():
+            self.lamda_frozen[adapter_name].zero_()
+            self.lamda_B_frozen[adapter_name].zero_()
+        self.freeze_components(adapter_name, count)
 
     # -- merge -------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -204,105 +229,45 @@ class LamdaLayer(BaseTunerLayer):
             self.scaling[adapter] = scale * self.lamda_alpha[adapter] / self.r[adapter]
 
 
-class LamdaOptimizerError(RuntimeError):
-    """The optimizer cannot follow the freeze of B (unknown state layout, or B not handed over)."""
+def zero_frozen_optimizer_state(optimizer, B: torch.Tensor, count: int) -> None:
+    """Zero the first ``count`` columns of every per-element state tensor ``optimizer`` keeps for B.
 
-
-# Adafactor keeps a factored second moment for matrices: per-row and per-column statistics
-# (torch: row_var d_out x 1, col_var 1 x cols; transformers: exp_avg_sq_row d_out, exp_avg_sq_col cols).
-ROW_FACTORED_STATE = ("row_var", "exp_avg_sq_row")
-COLUMN_FACTORED_STATE = ("col_var", "exp_avg_sq_col")
-
-
-def _split_state(key: str, value, old: torch.Tensor, moved: int, optimizer) -> object:
-    """The part of one optimizer-state entry of ``old`` that belongs to its last cols - moved columns."""
-    if not torch.is_tensor(value) or value.numel() == 1:
-        return value  # step counters, scalars
-    if value.shape == old.shape:
-        return value[:, moved:].clone()  # per-element state (Adam moments, momentum, ...)
-    if key in COLUMN_FACTORED_STATE and value.shape[-1] == old.shape[1]:
-        return value[..., moved:].clone()
-    if key in ROW_FACTORED_STATE:
-        return value  # rescaled with the column statistics in _split_factored
-    name = type(getattr(optimizer, "optimizer", optimizer)).__name__
-    raise LamdaOptimizerError(
-        f"cannot split {name}'s state {key!r} of shape {tuple(value.shape)} when freezing columns of "
-        f"LaMDA's B; use an optimizer with per-element or Adafactor-style state, or freeze_fraction 0"
-    )
-
-
-def _split_factored(old_state: dict, new_state: dict, moved: int) -> None:
-    """Rescale Adafactor's row statistics to the remaining columns.
-
-    Adafactor estimates the second moment as V_ij = R_i C_j / mean(R), where R (row means) and C
-    (column means) both average the same squared gradients, so mean(R) = mean(C). Dropping the
-    first ``moved`` columns leaves C' = C[moved:]; setting R' = R * mean(C') / mean(C) keeps that
-    model: V' equals V on the remaining columns and mean(R') = mean(C').
+    Per-element state (Adam moments, SGD momentum, ...) has B's shape; other layouts (Adafactor's
+    factored statistics, step counters) are left as they are. The frozen columns do not depend on
+    it (the forward reads them from ``lamda_B_frozen``); zeroing keeps no stale momentum around.
     """
-    for row_key, col_key in zip(ROW_FACTORED_STATE, COLUMN_FACTORED_STATE, strict=True):
-        if row_key in old_state and col_key in old_state:
-            col_old = old_state[col_key].float()
-            total = col_old.mean()
-            if float(total) > 0:
-                factor = col_old[..., moved:].mean() / total
-                new_state[row_key] = (old_state[row_key].float() * factor).to(old_state[row_key].dtype)
-            else:
-                new_state[row_key] = old_state[row_key].clone()
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+    for value in inner.state.get(B, {}).values():
+        if torch.is_tensor(value) and value.shape == B.shape:
+            value[:, :count] = 0
 
 
-def _move_optimizer_entry(optimizer, old: torch.Tensor, new: Optional[torch.Tensor], moved: int) -> None:
-    """Replace ``old`` by ``new`` in the optimizer, keeping state minus the first ``moved`` columns.
+class _ColumnFrozenLinear(torch.autograd.Function):
+    """mixed @ where(frozen, B_frozen, B).T with no gradient for B's frozen columns.
 
-    ``new=None`` removes the parameter and deletes its state. Per-element state (AdamW moments,
-    SGD momentum, ...) loses those columns; Adafactor's factored state is split as well
-    (``_split_factored``); any other state layout raises LamdaOptimizerError.
+    B takes part in every backward (a zero gradient where frozen, all zeros once fully frozen), as
+    DDP expects of each Parameter it registered. Only ``mixed`` (r-sized) and the weights are saved,
+    not a materialised d_out x r copy of B per call.
     """
-    holders = [group for group in optimizer.param_groups if any(p is old for p in group["params"])]
-    if not holders and old.requires_grad:
-        raise LamdaOptimizerError(
-            "the optimizer given to freeze LaMDA's B does not hold B's trainable columns; pass the "
-            "optimizer that trains the adapter"
-        )
-    state = optimizer.state.get(old)
-    split = None
-    if new is not None and state:  # computed first: an unsplittable state changes nothing
-        split = {key: _split_state(key, value, old, moved, optimizer) for key, value in state.items()}
-        _split_factored(state, split, moved)
-    for group in holders:
-        params, names = group["params"], group.get("param_names")
-        for i in range(len(params) - 1, -1, -1):
-            if params[i] is not old:
-                continue
-            if new is None:
-                del params[i]
-                if names is not None:
-                    del names[i]
-            else:
-                params[i] = new
-    optimizer.state.pop(old, None)
-    if split is not None:
-        optimizer.state[new] = split
 
+    @staticmethod
+    def forward(ctx, mixed, B, B_frozen, frozen):
+        mask = frozen.bool()
+        ctx.save_for_backward(mixed, B, B_frozen, frozen)
+        return F.linear(mixed, torch.where(mask, B_frozen, B))
 
-# B parameters replaced by a freeze that was given no optimizer. An optimizer that still holds
-# one would silently stop training B's remaining columns, so its next step fails instead.
-# Keyed by id (tensors compare element-wise, so a WeakSet cannot hold them); entries leave with the tensor.
-_REPLACED_WITHOUT_OPTIMIZER: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def _refuse_stale_b(optimizer, args, kwargs) -> None:
-    if not _REPLACED_WITHOUT_OPTIMIZER:
-        return
-    for group in optimizer.param_groups:
-        if any(_REPLACED_WITHOUT_OPTIMIZER.get(id(p)) is p for p in group["params"]):
-            raise LamdaOptimizerError(
-                f"{type(optimizer).__name__} still holds a LaMDA B that was frozen without it, so B's "
-                "remaining columns would not train: pass the optimizer to the freeze "
-                "(LamdaFreezeController.before_optimizer_step(optimizer, step) or freeze_components)"
-            )
-
-
-register_optimizer_step_pre_hook(_refuse_stale_b)
+    @staticmethod
+    def backward(ctx, grad_out):
+        mixed, B, B_frozen, frozen = ctx.saved_tensors
+        mask = frozen.bool()
+        grad_mixed = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_mixed = grad_out @ torch.where(mask, B_frozen, B).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+            flat_in = mixed.reshape(-1, mixed.shape[-1])
+            grad_B = (flat_out.T @ flat_in.to(flat_out.dtype)).to(B.dtype).masked_fill_(mask, 0)
+        return grad_mixed, grad_B, None, None
 
 
 class Linear(nn.Module, LamdaLayer):
@@ -366,13 +331,9 @@ class Linear(nn.Module, LamdaLayer):
         return result
 
     def _apply_B(self, name: str, mixed: torch.Tensor) -> torch.Tensor:
-        frozen, trainable = self.lamda_B_frozen[name], self.lamda_B[name]
-        k = frozen.shape[1]
-        if k == 0:
-            return F.linear(mixed, trainable)
-        if trainable.shape[1] == 0:
-            return F.linear(mixed, frozen)
-        return F.linear(mixed[..., :k], frozen) + F.linear(mixed[..., k:], trainable)
+        return _ColumnFrozenLinear.apply(
+            mixed, self.lamda_B[name], self.lamda_B_frozen[name], self.lamda_frozen[name]
+        )
 
     def __repr__(self) -> str:
         return "lamda." + super().__repr__()

@@ -43,13 +43,17 @@ _COMMON_SCHEMA: dict[str, Any] = {
 }
 
 
-def updated_elements_in_optimizer(optimizer: torch.optim.Optimizer) -> int:
-    """Elements the optimizer step updates: trainable parameters in it that have a gradient.
+def updated_elements_in_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> int:
+    """Elements the optimizer step updates: trainable parameters in it that have a gradient,
+    less the frozen columns of LaMDA's B (found in ``model``), which the step cannot change.
 
-    Frozen components of B are not in the optimizer (they live in ``lamda_B_frozen``), so they
-    are not counted; the reference-code rule's zeroed columns are counted because AdamW still
-    moves them.
+    The reference-code rule's zeroed columns are counted because AdamW still moves them.
     """
+    frozen: dict[int, int] = {}
+    if model is not None:
+        for _, module in lamda_layers(model):
+            for adapter, B in module.lamda_B.items():
+                frozen[id(B)] = module.out_features * module.frozen_components(adapter)
     seen: set[int] = set()
     total = 0
     for group in optimizer.param_groups:
@@ -57,7 +61,7 @@ def updated_elements_in_optimizer(optimizer: torch.optim.Optimizer) -> int:
             if id(p) in seen or not p.requires_grad or p.grad is None:
                 continue
             seen.add(id(p))
-            total += p.numel()
+            total += p.numel() - frozen.get(id(p), 0)
     return total
 
 
@@ -130,7 +134,7 @@ class LamdaMethod(Method):
         return [LamdaFreezeCallback(ctx.total_steps or None)]
 
     def updated_elements(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
-        return updated_elements_in_optimizer(optimizer)
+        return updated_elements_in_optimizer(optimizer, model)
 
     def record_info(self, model: nn.Module) -> dict[str, Any]:
         layers = lamda_layers(model)

@@ -58,17 +58,16 @@ class LamdaModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Give each layer the saved split of B (frozen columns) before the weights are loaded."""
+        """Refuse a saved adapter that lacks any LaMDA weight (A, S, B, its frozen copy, the freeze mask)."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for name, module in model.named_modules():
             if not isinstance(module, LamdaLayer) or adapter_name not in module.lamda_B_frozen:
                 continue
             # The adapter was built without its SVD init (LamdaConfig.from_pretrained): every
             # weight must come from the file.
-            for weight in LamdaLayer.adapter_layer_names:
+            for weight in (*LamdaLayer.adapter_layer_names, "lamda_frozen"):
                 if f"{name}.{weight}.{adapter_name}" not in remapped:
                     raise ValueError(f"the saved LaMDA adapter {adapter_name!r} has no {weight} for {name}")
-            module.resize_frozen(adapter_name, remapped[f"{name}.lamda_B_frozen.{adapter_name}"].shape[1])
         if getattr(config, "loading_saved_weights", False):
             config.loading_saved_weights = False  # a later get_peft_model with this config initialises again
         return remapped

@@ -118,7 +118,8 @@ def launches(smoke_workdir, tmp_path_factory):
     killed = {"lamda_resume": grid(2)["lamda_resume"]}
     rc, output = finish(launch(torchrun(free_port()), killed, shared, root / "killed", kill_at=4))
     assert rc != 0 and not (root / "killed" / "lamda_resume.record.json").exists(), output[-3000:]
-    assert read_marker(shared / "checkpoints" / "lamda_resume" / "checkpoint-4") is not None
+    killed_at = sorted((shared / "checkpoints" / "lamda_resume").glob("id-*/checkpoint-4"))
+    assert len(killed_at) == 1 and read_marker(killed_at[0]) is not None, output[-3000:]
     port = free_port()
     nodes = [launch(torchrun(port, 2, node, 1), grid(2), shared, root / "two") for node in (0, 1)]
     for proc, what in ((nodes[0], "node 0"), (nodes[1], "node 1"), (one, "1 process")):

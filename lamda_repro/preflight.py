@@ -51,6 +51,7 @@ class Item:
     detail: str
     fix: str = ""
     bytes_needed: int = 0
+    repo: str = ""  # the repository the bytes belong to (a data set used by several tasks counts once)
 
 
 class PreflightError(ValueError):
@@ -281,7 +282,9 @@ def check_dataset(kind: str, label: str, path: str, name, splits, revision, colu
             )
         seen[split] = len(row)
     size = sum(files.values())
-    return Item(kind, label, True, f"splits {', '.join(seen)}: first rows read", "", size)
+    return Item(
+        kind, label, True, f"splits {', '.join(seen)}: first rows read", "", size, f"{path}@{revision}"
+    )
 
 
 def environment_items(config: dict[str, Any], needed_bytes: int, cache: Path, cuda: bool) -> list[Item]:
@@ -353,7 +356,7 @@ def run_preflight(config: dict[str, Any], token=None, cuda_check: bool = True) -
             items.append(
                 check_dataset("lm-eval", label, data["path"], data["name"], [data["split"]], None, (), token)
             )
-    needed = sum(i.bytes_needed for i in items)
+    needed = sum({(i.repo or i.name): i.bytes_needed for i in items}.values())
     cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     items.extend(environment_items(config, needed, cache, cuda_check))
     return items

@@ -74,7 +74,7 @@ def hub_env(endpoint: str, home: Path, token: str | None = GRANTED_TOKEN) -> dic
     return env
 
 
-def preflight(endpoint, home, config_path, token=GRANTED_TOKEN, blocked=(), wait=True):
+def preflight(endpoint, home, config_path, token=GRANTED_TOKEN, blocked=(), wait=True, extra=()):
     args = [
         sys.executable,
         "-c",
@@ -83,6 +83,7 @@ def preflight(endpoint, home, config_path, token=GRANTED_TOKEN, blocked=(), wait
         "preflight",
         str(config_path),
         "--no-cuda-check",
+        *extra,
     ]
     proc = subprocess.Popen(
         args, env=hub_env(endpoint, home, token), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -90,7 +91,7 @@ def preflight(endpoint, home, config_path, token=GRANTED_TOKEN, blocked=(), wait
     return proc if not wait else _finish(proc)
 
 
-def _finish(proc, timeout=400):
+def _finish(proc, timeout=900):
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -131,11 +132,12 @@ def runs(hub):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pre = preflight(server.endpoint, factory.mktemp("home-pre"), PAPER, wait=False)
+    pre_home = factory.mktemp("home-pre")
+    pre = preflight(server.endpoint, pre_home, PAPER, wait=False, extra=["--download"])
     load_rc, load_out = _finish(load)
     pre_rc, pre_out = _finish(pre)
     assert load_rc == 0, load_out[-3000:]
-    return json.loads(report.read_text()), (pre_rc, pre_out)
+    return json.loads(report.read_text()), (pre_rc, pre_out, pre_home)
 
 
 def test_replicas_publish_exactly_the_listed_files(hub):
@@ -181,7 +183,7 @@ def test_deberta_adapters_are_exactly_attention_and_feed_forward(runs):
 
 
 def test_preflight_on_intact_replicas_prints_every_item_ok(runs):
-    _, (rc, out) = runs
+    _, (rc, out, _) = runs
     rows = table_rows(out)
     assert rc == 0, out[-3000:]
     assert rows and all(line.startswith("OK") for line in rows.values()), out[-3000:]
@@ -192,6 +194,21 @@ def test_preflight_on_intact_replicas_prints_every_item_ok(runs):
         "allenai/ai2_arc/ARC-Challenge",
     ):
         assert any(repo in line for line in rows.values()), f"{repo} not in the table"
+
+
+def test_preflight_download_fills_the_shared_cache(runs):
+    """--download: the models' safetensors (at the pinned revisions) and the data sets are in HF_HOME."""
+    _, (rc, out, home) = runs
+    assert rc == 0 and "cache filled under" in out, out[-2000:]
+    deberta = list(
+        (home / "hub" / "models--microsoft--deberta-v3-base" / "snapshots").glob("*/model.safetensors")
+    )
+    assert deberta and not list(deberta[0].parent.glob("*.bin"))
+    assert list(
+        (home / "hub" / "models--google--gemma-2b" / "snapshots").glob("*/model-00002-of-00002.safetensors")
+    )
+    cached = {p.name for p in (home / "datasets").iterdir()} if (home / "datasets").exists() else set()
+    assert any("glue" in name for name in cached) and any("ai2_arc" in name for name in cached), cached
 
 
 def _broken_config(tmp: Path, name: str, edit) -> Path:

@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/preflight.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/recursive.smk"
 include: "workflow/rules/serving.smk"
@@ -26,6 +27,7 @@ include: "workflow/rules/report.smk"
 
 # Light jobs run where Snakemake runs, never as cluster jobs (lamda_repro/cluster.py LOCAL_RULES).
 localrules:
+    preflight,
     prepare_data,
     build_model,
     recursive_corpus,

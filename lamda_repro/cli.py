@@ -18,6 +18,7 @@ _PLUGIN_MODULES = (
     "lamda_repro.bench.cli",
     "lamda_repro.recursive.cli",
     "lamda_repro.status",
+    "lamda_repro.preflight",
 )
 # The commands defined here, and the command prefix of the plugins whose imports are heavy (torch,
 # transformers, peft: seconds per process): a workflow job loads only the plugins its command can

@@ -48,9 +48,10 @@ RESUMABLE_RULES = frozenset({"finetune", "recursive_pretrain", "recursive_run"})
 SIGNAL_BEFORE_LIMIT_S = {"smoke": 60, "paper": 600}
 # Rules light enough to run where Snakemake runs (no scheduler round trip): data generation,
 # the tiny models built from configs (a word-level tokenizer and random weights, seconds), the
-# corpus, aggregation, tables, report pages.
+# corpus, aggregation, tables, report pages; the Hub preflight (it needs the login node's internet).
 LOCAL_RULES = (
     "all",
+    "preflight",
     "prepare_data",
     "build_model",
     "recursive_corpus",

@@ -163,7 +163,7 @@ def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     jobs = [(rule, res) for rule, res in _jobs(text) if rule == "finetune"]
-    outputs = re.findall(r"rule finetune:\n    output: [\w-]+/runs/(\w+)/", text)
+    outputs = re.findall(r"rule finetune:\n(?:    input: .*\n)?    output: [\w-]+/runs/(\w+)/", text)
     assert len(outputs) == len(jobs) > 200
     for (_, res), experiment in zip(jobs, outputs, strict=True):
         assert res["gpu"] == {"gsm8k": "4", "e2e": "0"}.get(experiment, "1"), experiment

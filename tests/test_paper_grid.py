@@ -79,6 +79,17 @@ def test_paper_config_dry_run_lists_the_full_grid(paper_dry_run, paper_config):
     assert expected > 200  # eight GLUE tasks x 3 seeds and four more families
 
 
+def test_paper_config_dry_run_lists_preflight_first(paper_dry_run):
+    """offline: false: `lamda-repro preflight` is the first job, every other job waits for it."""
+    jobs = [
+        line.split()[-1].rstrip(":")
+        for line in paper_dry_run.splitlines()
+        if line.startswith(("rule ", "localrule "))
+    ]
+    assert jobs[0] == "preflight"
+    assert _job_counts(paper_dry_run)["preflight"] == 1
+
+
 def test_smoke_config_dry_run_resolves_with_the_cluster_profile():
     proc = _dry_run("--quiet", "rules", "--profile", "profiles/slurm")
     assert proc.returncode == 0, proc.stderr[-3000:]

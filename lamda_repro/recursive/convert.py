@@ -191,12 +191,15 @@ def save_recursive(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     return directory
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load_causal_lm(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, revision: str | None = None
+) -> nn.Module:
     """A causal LM from a folder or Hub id; a ``save_recursive`` checkpoint goes through ``load_recursive``.
 
     The recursive stage's loaders use this instead of ``AutoModelForCausalLM.from_pretrained``,
     which would load a recursive checkpoint without error but with its tied positions
-    re-initialised and its relaxation LoRAs dropped.
+    re-initialised and its relaxation LoRAs dropped. Weights are read from safetensors only (a Hub
+    repository that publishes only ``pytorch_model.bin`` on main needs a ``revision`` that has them).
     """
     from transformers import AutoModelForCausalLM
 
@@ -204,7 +207,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None) ->
 
     if is_recursive_checkpoint(path):
         return load_recursive(path, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    kwargs = {"revision": revision} if revision else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kwargs)
 
 
 def load_recursive(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:

@@ -543,9 +543,12 @@ def load_base(section: dict[str, Any], name: str, workdir: Path, device: torch.d
     entry = section["models"][name]
     path = base_model_path(section, name, workdir)
     dtype = getattr(torch, entry.get("dtype", "float32"))
-    model = load_causal_lm(path, dtype=dtype).to(device)  # a recursive checkpoint via load_recursive
+    # The entry's Hub revision applies to its own path, not to a folder pretrained or uptrained here.
+    revision = entry.get("revision") if str(path) == entry.get("path") else None
+    model = load_causal_lm(path, dtype=dtype, revision=revision).to(device)  # recursive: load_recursive
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", path))
+    tok_kwargs = {"revision": revision} if revision and "tokenizer" not in entry else {}
+    tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", path), **tok_kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

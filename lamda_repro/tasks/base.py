@@ -12,6 +12,7 @@ through ``datasets.load_dataset`` exactly as Hub data is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +29,17 @@ class TaskConfigError(ConfigError):
 
 class DataFileError(ValueError):
     """A local data file cannot be used; the message is one line: '<file>: <problem>'."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a task's data lives on the Hub: repository, config, revision and the split mapping
+    (the suite's split name -> the data set's). ``lamda-repro preflight`` checks exactly this."""
+
+    path: str
+    name: str | None
+    splits: dict[str, str]
+    revision: str | None = None
 
 
 class Task:
@@ -83,9 +95,18 @@ class Task:
         """Number of classes of the ``label`` column (values 0..n-1); None = not checked."""
         return None
 
+    def hub_source(self) -> HubSource | None:
+        """The Hub data set this task reads when it has no local files; None = not a Hub task."""
+        return None
+
     def load_splits(self):
         """Return a datasets.DatasetDict with "train" and "eval" splits (raw columns)."""
         raise NotImplementedError
+
+    def load_hub_splits(self):
+        """``load_raw_splits`` of this task's ``hub_source()`` (local files when the task has them)."""
+        src = self.hub_source()
+        return load_raw_splits(self, src.path, src.name, src.splits, src.revision)
 
     def tokenize(self, dataset, tokenizer, max_length: int):
         """Map raw examples to model inputs (input_ids, attention_mask, labels)."""

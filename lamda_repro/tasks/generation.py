@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lamda_repro.tasks import metrics
-from lamda_repro.tasks.base import Task, TaskConfigError, load_raw_splits, register_task
+from lamda_repro.tasks.base import HubSource, Task, TaskConfigError, register_task
 
 # generate() settings a task config may set in `generation`; anything else is refused.
 GENERATION_KEYS = (
@@ -232,13 +232,16 @@ class E2ENLGTask(CausalLMTask):
     def required_columns(self) -> tuple[str, ...]:
         return ("meaning_representation",)
 
-    def load_splits(self):
-        hub_id = self.params.get("hub_id", E2E_HUB_ID)
-        revision = self.params.get("hub_revision", PARQUET_EXPORT)
-        eval_split = resolve_eval_split(self, "validation")
-        splits = load_raw_splits(
-            self, hub_id, self.params.get("hub_subset"), {"train": "train", "eval": eval_split}, revision
+    def hub_source(self) -> HubSource:
+        return HubSource(
+            self.params.get("hub_id", E2E_HUB_ID),
+            self.params.get("hub_subset"),
+            {"train": "train", "eval": resolve_eval_split(self, "validation")},
+            self.params.get("hub_revision", PARQUET_EXPORT),
         )
+
+    def load_splits(self):
+        splits = self.load_hub_splits()
         columns = set(splits["train"].column_names)
         if "meaning_representation" not in columns or not columns & {"human_reference", "target"}:
             raise TaskConfigError(
@@ -330,13 +333,16 @@ class WikiTextTask(CausalLMTask):
     def required_columns(self) -> tuple[str, ...]:
         return ("text",)
 
-    def load_splits(self):
-        hub_id = self.params.get("hub_id", WIKITEXT_HUB_ID)
-        subset = self.params.get("hub_subset", "wikitext-2-raw-v1")
-        eval_split = resolve_eval_split(self, "test")
-        splits = load_raw_splits(
-            self, hub_id, subset, {"train": "train", "eval": eval_split}, self.params.get("hub_revision")
+    def hub_source(self) -> HubSource:
+        return HubSource(
+            self.params.get("hub_id", WIKITEXT_HUB_ID),
+            self.params.get("hub_subset", "wikitext-2-raw-v1"),
+            {"train": "train", "eval": resolve_eval_split(self, "test")},
+            self.params.get("hub_revision"),
         )
+
+    def load_splits(self):
+        splits = self.load_hub_splits()
         if "text" not in splits["train"].column_names:
             raise TaskConfigError(
                 f"task {self.name!r}: WikiText data needs a text column, got {splits['train'].column_names}"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lamda_repro.tasks import metrics
-from lamda_repro.tasks.base import Task, load_raw_splits, register_task
+from lamda_repro.tasks.base import HubSource, Task, register_task
 
 # subset -> (text columns, number of labels (1 = regression), metric names, primary metric)
 GLUE_TASKS: dict[str, dict[str, Any]] = {
@@ -78,7 +78,7 @@ class GlueTask(Task):
     def label_classes(self) -> int | None:
         return None if self.is_regression else self.num_labels
 
-    def load_splits(self):
+    def hub_source(self) -> HubSource:
         if self.subset == "mnli":
             splits = {
                 "train": "train",
@@ -87,7 +87,10 @@ class GlueTask(Task):
             }
         else:
             splits = {"train": "train", "eval": "validation"}
-        return load_raw_splits(self, GLUE_HUB_ID, self.subset, splits)
+        return HubSource(GLUE_HUB_ID, self.subset, splits)
+
+    def load_splits(self):
+        return self.load_hub_splits()
 
     def tokenize(self, dataset, tokenizer, max_length: int):
         a, b = self.info["text"]

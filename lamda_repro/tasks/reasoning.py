@@ -10,7 +10,7 @@ last number in the text; thousands separators removed; compared as decimal numbe
 from __future__ import annotations
 
 from lamda_repro.tasks import metrics
-from lamda_repro.tasks.base import TaskConfigError, load_raw_splits, register_task
+from lamda_repro.tasks.base import HubSource, TaskConfigError, register_task
 from lamda_repro.tasks.generation import (
     HUB_PARAMS_SCHEMA,
     CausalLMTask,
@@ -41,15 +41,16 @@ class GSM8KTask(CausalLMTask):
     def required_columns(self) -> tuple[str, ...]:
         return ("question", "answer")
 
-    def load_splits(self):
-        eval_split = resolve_eval_split(self, "test")
-        splits = load_raw_splits(
-            self,
+    def hub_source(self) -> HubSource:
+        return HubSource(
             self.params.get("hub_id", GSM8K_HUB_ID),
             self.params.get("hub_subset", "main"),
-            {"train": "train", "eval": eval_split},
+            {"train": "train", "eval": resolve_eval_split(self, "test")},
             self.params.get("hub_revision"),
         )
+
+    def load_splits(self):
+        splits = self.load_hub_splits()
         for name, ds in splits.items():
             missing = {"question", "answer"} - set(ds.column_names)
             if missing:

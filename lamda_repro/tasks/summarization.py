@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from lamda_repro.tasks import metrics
-from lamda_repro.tasks.base import Task, TaskConfigError, load_raw_splits, register_task
+from lamda_repro.tasks.base import HubSource, Task, TaskConfigError, register_task
 from lamda_repro.tasks.generation import (
     HUB_PARAMS_SCHEMA,
     generation_kwargs,
@@ -69,15 +69,16 @@ class SummarizationTask(Task):
     def required_columns(self) -> tuple[str, ...]:
         return (self.source_column, self.target_column)
 
-    def load_splits(self):
-        eval_split = resolve_eval_split(self, "validation")
-        splits = load_raw_splits(
-            self,
+    def hub_source(self) -> HubSource:
+        return HubSource(
             self.params.get("hub_id", self.hub_id),
             self.params.get("hub_subset", self.hub_subset),
-            {"train": "train", "eval": eval_split},
+            {"train": "train", "eval": resolve_eval_split(self, "validation")},
             self.params.get("hub_revision"),
         )
+
+    def load_splits(self):
+        splits = self.load_hub_splits()
         for name, ds in splits.items():
             missing = {self.source_column, self.target_column} - set(ds.column_names)
             if missing:

@@ -21,6 +21,8 @@ if BENCH_ENABLED:
 
 
 rule bench:
+    input:
+        PREFLIGHT,  # no Hub access of its own: waits so that the preflight stays the first job
     output:
         json=BENCH_OUT["json"],
         md=BENCH_OUT["md"],

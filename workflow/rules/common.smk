@@ -83,7 +83,7 @@ def model_artifact(name):
 
 def run_inputs(wildcards):
     spec = run_spec(wildcards)
-    inputs = model_artifact(spec.model)
+    inputs = model_artifact(spec.model) + PREFLIGHT
     if "data" in spec.task_params:
         inputs += data_files(spec.task_params["data"])
     return inputs

@@ -39,7 +39,7 @@ if REC:
 
 rule recursive_corpus:
     input:
-        lambda w: data_files(REC["corpus"]["data"]) if REC["corpus"].get("data") else [],
+        lambda w: (data_files(REC["corpus"]["data"]) if REC["corpus"].get("data") else []) + PREFLIGHT,
     output:
         f"{WORKDIR}/recursive/corpus/corpus.json",
     params:
@@ -79,7 +79,7 @@ rule recursive_pretrain:
 
 rule recursive_run:
     input:
-        lambda w: run_job_inputs(REC, w.rec_run, WORKDIR, RESULTS),
+        lambda w: run_job_inputs(REC, w.rec_run, WORKDIR, RESULTS) + PREFLIGHT,
     output:
         f"{RESULTS}/runs/recursive/{{rec_run}}.json",
     params:
@@ -102,7 +102,7 @@ rule recursive_run:
 
 rule recursive_relax_error:
     input:
-        lambda w: base_artifacts(REC, w.rec_model, WORKDIR),
+        lambda w: base_artifacts(REC, w.rec_model, WORKDIR) + PREFLIGHT,
     output:
         md=f"{RELAX_ERROR}.md",
         csv=f"{RELAX_ERROR}.csv",

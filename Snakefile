@@ -25,9 +25,9 @@ include: "workflow/rules/report.smk"
 
 
 # Light jobs run where Snakemake runs, never as cluster jobs (lamda_repro/cluster.py LOCAL_RULES).
+# build_model is local unless it pretrains (its own `localrule:`).
 localrules:
     prepare_data,
-    build_model,
     recursive_corpus,
     recursive_table,
     aggregate,

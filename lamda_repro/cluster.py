@@ -26,6 +26,7 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
         "recursive_early_exit": (4000, 30),
         "recursive_serve": (4000, 60),
         "bench": (16000, 60),
+        "build_model": (4000, 30),
     },
     "paper": {
         "finetune": (64000, 720),
@@ -35,6 +36,7 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
         "recursive_early_exit": (64000, 720),
         "recursive_serve": (64000, 240),
         "bench": (64000, 60),
+        "build_model": (16000, 120),
     },
 }
 GPU_RULES = frozenset(
@@ -45,13 +47,12 @@ GPU_RULES = frozenset(
 # writes a checkpoint and exits 75 in time, and the retry resumes from it.
 RESUMABLE_RULES = frozenset({"finetune", "recursive_pretrain", "recursive_run"})
 SIGNAL_BEFORE_LIMIT_S = {"smoke": 60, "paper": 600}
-# Rules light enough to run where Snakemake runs (no scheduler round trip): data generation,
-# the tiny models built from configs (a word-level tokenizer and random weights, seconds), the
-# corpus, aggregation, tables, report pages.
+# Rules light enough to run where Snakemake runs (no scheduler round trip): data generation, the
+# corpus, aggregation, tables, report pages. Building a tiny model is local too unless it is
+# pretrained (training: a cluster job, never on the login node; build_model_is_local).
 LOCAL_RULES = (
     "all",
     "prepare_data",
-    "build_model",
     "recursive_corpus",
     "recursive_table",
     "aggregate",
@@ -65,6 +66,13 @@ SITE_KEYS = {
     "gpu_model": "gpu_model",
     "constraint": "constraint",
 }
+
+
+def build_model_is_local(cfg: dict[str, Any]) -> bool:
+    """Whether the build_model rule runs where Snakemake runs: only when no model built from the
+    config is pretrained (a tokenizer and random weights take seconds; pretraining is training)."""
+    models = cfg.get("models") or {}
+    return not any(m.get("source") == "build" and m.get("pretrain") for m in models.values())
 
 
 def launcher(training: dict[str, Any], device: str) -> list[str]:
@@ -94,7 +102,8 @@ def job_resources(
     if sizes:
         mem_mb, runtime = sizes.get("mem_mb", mem_mb), sizes.get("runtime", runtime)
     own = (cluster.get("jobs") or {}).get(rule, {})
-    on_gpu = rule in GPU_RULES and (device or cfg.get("device", "auto")) != "cpu"
+    # `device: cpu` in the config means no GPU anywhere, whatever a stage's own device says
+    on_gpu = rule in GPU_RULES and "cpu" not in (cfg.get("device", "auto"), device)
     if not on_gpu:
         n_gpu = 0
     elif gpus is not None:

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
 from lamda_repro import warm
-from lamda_repro.cluster import job_resources, launcher
+from lamda_repro.cluster import build_model_is_local, job_resources, launcher
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 

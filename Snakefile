@@ -34,6 +34,15 @@ localrules:
     report_pages,
 
 
+# Before anything is submitted to SLURM: a request the cluster can never satisfy (more memory or
+# CPUs than any node, a GPU where there is none) stops the workflow with one line, instead of a
+# refused submission or a job pending forever (lamda_repro/cluster.py unsatisfiable).
+onstart:
+    refusal = unsatisfiable(cluster_jobs())
+    if refusal:
+        sys.exit(refusal)
+
+
 # Warm-start servers (lamda_repro/warm.py) leave with the workflow.
 onsuccess:
     WARM and warm.stop_servers()

@@ -297,7 +297,11 @@ def _run(
         train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     sigterm.training = False
     if sigterm.received:
-        raise Preempted(f"SIGTERM during training: checkpoint at step {trainer.state.global_step} written")
+        step = trainer.state.global_step
+        raise Preempted(
+            f"SIGTERM during training: checkpoint at step {step} written",
+            progressed=step > (resumed.get("from_step") or 0),
+        )
     record["resume"] = {"resumed": resumed["count"], "from_step": resumed.get("from_step")}
     breakdown = measure.memory_breakdown(model, trainer.optimizer)
     breakdown["grad_bytes"] = grads

@@ -108,7 +108,7 @@ def test_job_resources_from_config():
         "runtime": 720,
         "gpu": 1,
         "cpus_per_gpu": 8,
-        "slurm_extra": "--signal=TERM@600",  # the run checkpoints before the time limit
+        "slurm_extra": "--signal=TERM@600 --requeue",  # the run checkpoints before the time limit
     }
     site = {"partition": "gpu", "account": "a", "qos": "q", "gpu_model": "h100", "gpus": 2}
     own = {"jobs": {"recursive_run": {"mem_mb": 1000, "runtime": 5, "partition": "long"}}}
@@ -122,7 +122,7 @@ def test_job_resources_from_config():
         "slurm_account": "a",
         "qos": "q",
         "gpu_model": "h100",
-        "slurm_extra": "--signal=TERM@600",
+        "slurm_extra": "--signal=TERM@600 --requeue",
     }
     assert job_resources(cfg, "finetune", gpus=4)["gpu"] == 4
     smoke = job_resources({"scale": "smoke", "device": "cpu", "threads": 1}, "finetune")
@@ -131,7 +131,7 @@ def test_job_resources_from_config():
         "runtime": 30,
         "gpu": 0,
         "cpus_per_task": 1,
-        "slurm_extra": "--signal=TERM@60",
+        "slurm_extra": "--signal=TERM@60 --requeue",
     }
     # CPU-only rules never ask for a GPU
     assert job_resources(cfg, "recursive_relax_error")["gpu"] == 0

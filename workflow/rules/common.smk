@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
 from lamda_repro import warm
-from lamda_repro.cluster import build_model_is_local, job_resources, launcher
+from lamda_repro.cluster import build_model_is_local, job_resources, launcher, quiet_account_guess, unsatisfiable
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
@@ -20,6 +20,10 @@ except ConfigError as exc:
 validate(config, "../schemas/config.schema.yaml")
 
 WORKDIR = CFG["workdir"]
+# No account in the config: SLURM jobs use the user's default account, without the executor
+# plugin's failing sacct guess on the screen (lamda_repro/cluster.py quiet_account_guess).
+if not (CFG.get("cluster") or {}).get("account"):
+    quiet_account_guess()
 
 # Warm starts (lamda_repro/warm.py): with `warm_start: true`, offline, and jobs run by this
 # Snakemake process (not a cluster), heavy jobs fork from a server that has torch & co. imported.
@@ -41,6 +45,15 @@ wildcard_constraints:
     method=r"[^/]+",
     seed=r"\d+",
     dataset=r"[^/]+",
+
+
+def cluster_jobs():
+    """(rule, resources, threads) of the jobs this run submits to SLURM; none for other executors
+    and inside a cluster job (called once the jobs are known: onstart in the Snakefile)."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm" or workflow.remote_exec:
+        return []
+    return [(job.rule.name, dict(job.resources), job.threads) for job in workflow.dag.needrun_jobs() if not job.is_local]
 
 
 def run_record(spec):

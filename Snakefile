@@ -41,6 +41,8 @@ onstart:
     refusal = unsatisfiable(cluster_jobs())
     if refusal:
         sys.exit(refusal)
+    if WARM and not workflow.local_exec:  # known only now: cluster jobs start cold
+        os.environ.pop(warm.ENV_SWITCH, None)
 
 
 # Warm-start servers (lamda_repro/warm.py) leave with the workflow.

@@ -1,6 +1,7 @@
 # Config -> run list. The config is checked before any job runs: first by the library (one line
 # naming the key and the problem), then by Snakemake against the same JSON schema.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,8 @@ if not (CFG.get("cluster") or {}).get("account"):
 
 # Warm starts (lamda_repro/warm.py): with `warm_start: true`, offline, and jobs run by this
 # Snakemake process (not a cluster), heavy jobs fork from a server that has torch & co. imported.
+# The executor is not known while this file is read (local_exec is True then even for SLURM): the
+# Snakefile's onstart turns warm starts off again before anything is submitted to a cluster.
 WARM = bool(CFG.get("warm_start")) and CFG["offline"] and workflow.local_exec and not workflow.remote_exec
 if WARM and not workflow.dryrun:
     warm.enable_for_jobs()

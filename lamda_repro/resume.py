@@ -60,6 +60,10 @@ def requeue_after_progress(exc: BaseException, env=None, run=None) -> str | None
     if not (isinstance(exc, Preempted) and exc.progressed and job.isdigit() and rank_zero()):
         return None
     run = run or subprocess.run
+    try:  # the requeue ends this job's steps with SIGTERM: report and exit 75 first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
     try:
         proc = run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -10,7 +10,8 @@ For every run the config defines, its record and log are where the workflow puts
   names the rule and the run: the marker's own id is overwritten by the Snakemake inside the job);
   a job killed together with Snakemake stays here until the next ``snakemake`` run
   (``--rerun-incomplete`` in the profile);
-- missing: none of these (not started yet, or a transient failure waiting for its retry).
+- missing: none of these (not started yet, or a transient failure waiting for its retry); a
+  run whose SLURM job is in the queue without a marker (requeued, pending) counts as running.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def collect(
 ) -> tuple[dict[str, StageCount], list[str]]:
     """(stage -> counts, stale record paths). ``stale(cfg)`` lists records whose spec no longer
     matches the config (``stale_record_paths``); ``queue(root)`` the SLURM jobs running there by
-    their comment (asked only when a running job's marker names no job id)."""
+    their comment (asked once, when a running job's marker names no job id or a record is
+    missing: a job requeued after a preemption is pending without a marker)."""
     root = Path(root)
     running = incomplete_outputs(root)
     queued: dict[str, str] | None = None
@@ -166,7 +168,12 @@ def collect(
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
-            count.missing += 1
+            # a SLURM job between two attempts (requeued after a preemption) has no marker
+            queued = queue(root) if queued is None else queued
+            if entry.job in queued:
+                count.running.append((entry.run, queued[entry.job]))
+            else:
+                count.missing += 1
             continue
         except (OSError, ValueError):
             count.failed.append((entry.run, "unreadable record", entry.record))

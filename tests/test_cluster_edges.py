@@ -112,7 +112,9 @@ def test_status_shows_the_slurm_job_of_a_running_run(tmp_path):
             },
             "tasks": {"t": {"type": "glue", "subset": "sst2", "data": "d"}},
             "methods": {"lora": {"type": "lora", "r": 2}},
-            "experiments": {"nlu": {"models": ["m"], "tasks": ["t"], "methods": ["lora"], "seeds": [0, 1]}},
+            "experiments": {
+                "nlu": {"models": ["m"], "tasks": ["t"], "methods": ["lora"], "seeds": [0, 1, 2, 3]}
+            },
         }
     )
     # The Snakemake inside a SLURM job overwrites the marker's job id with null; the queue knows
@@ -123,17 +125,29 @@ def test_status_shows_the_slurm_job_of_a_running_run(tmp_path):
 
     def queue(root):
         asked.append(root)
-        return {"rule_finetune_wildcards_nlu_t_m_lora_0": "4242", "rule_other_wildcards_x": "1"}
+        # seed2: requeued after a preemption, pending without a marker
+        return {
+            "rule_finetune_wildcards_nlu_t_m_lora_0": "4242",
+            "rule_finetune_wildcards_nlu_t_m_lora_2": "4243",
+            "rule_other_wildcards_x": "1",
+        }
 
     stages, _ = status.collect(cfg, tmp_path, queue=queue)
-    assert stages["finetune/nlu"].running == [("nlu/t/m/lora/seed0", "4242"), ("nlu/t/m/lora/seed1", "77")]
-    assert asked == [tmp_path]  # asked once, only because a marker had no id
+    assert stages["finetune/nlu"].running == [
+        ("nlu/t/m/lora/seed0", "4242"),
+        ("nlu/t/m/lora/seed1", "77"),
+        ("nlu/t/m/lora/seed2", "4243"),
+    ]
+    assert stages["finetune/nlu"].missing == 1  # seed3
+    assert asked == [tmp_path]  # asked once
     text = status.render(stages)
     assert "RUNNING finetune/nlu nlu/t/m/lora/seed0 (cluster job 4242)" in text
     assert status.slurm_comment("recursive_run", ["a/b"]) == "rule_recursive_run_wildcards_a_b"
 
 
-def test_a_preempted_run_that_made_progress_requeues_its_slurm_job():
+def test_a_preempted_run_that_made_progress_requeues_its_slurm_job(monkeypatch):
+    # the requeue makes the process ignore SLURM's SIGTERM to its step: keep that in this test
+    monkeypatch.setattr(resume.signal, "signal", lambda *_: None)
     calls = []
 
     def scontrol(cmd, **_kw):

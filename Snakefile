@@ -26,14 +26,25 @@ include: "workflow/rules/report.smk"
 
 
 # Light jobs run where Snakemake runs, never as cluster jobs (lamda_repro/cluster.py LOCAL_RULES).
+# build_model is local unless it pretrains (its own `localrule:`).
 localrules:
     preflight,
     prepare_data,
-    build_model,
     recursive_corpus,
     recursive_table,
     aggregate,
     report_pages,
+
+
+# Before anything is submitted to SLURM: a request the cluster can never satisfy (more memory or
+# CPUs than any node, a GPU where there is none) stops the workflow with one line, instead of a
+# refused submission or a job pending forever (lamda_repro/cluster.py unsatisfiable).
+onstart:
+    refusal = unsatisfiable(cluster_jobs())
+    if refusal:
+        sys.exit(refusal)
+    if WARM and not workflow.local_exec:  # known only now: cluster jobs start cold
+        os.environ.pop(warm.ENV_SWITCH, None)
 
 
 # Warm-start servers (lamda_repro/warm.py) leave with the workflow.

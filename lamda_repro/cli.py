@@ -142,14 +142,16 @@ def cmd_run(args) -> int:
             offline=not args.online,
         )
     except Exception as exc:
-        from lamda_repro.resume import TRANSIENT_EXIT, is_transient
+        from lamda_repro.resume import TRANSIENT_EXIT, is_transient, requeue_after_progress
 
         if not is_transient(exc):
             raise
         why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        job = requeue_after_progress(exc)
         print(
-            f"run {spec.run_id} INTERRUPTED ({why});"
-            f" no record written, exit {TRANSIENT_EXIT}: a rerun resumes from the last complete checkpoint",
+            f"run {spec.run_id} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}: "
+            + (f"SLURM job {job} requeued, it resumes" if job else "a rerun resumes")
+            + " from the last complete checkpoint",
             file=sys.stderr,
         )
         return TRANSIENT_EXIT

@@ -27,6 +27,7 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
         "recursive_early_exit": (4000, 30),
         "recursive_serve": (4000, 60),
         "bench": (16000, 60),
+        "build_model": (4000, 30),
     },
     "paper": {
         "finetune": (64000, 720),
@@ -36,6 +37,7 @@ JOB_SIZES: dict[str, dict[str, tuple[int, int]]] = {
         "recursive_early_exit": (64000, 720),
         "recursive_serve": (64000, 240),
         "bench": (64000, 60),
+        "build_model": (16000, 120),
     },
 }
 GPU_RULES = frozenset(
@@ -43,17 +45,20 @@ GPU_RULES = frozenset(
 )
 # Training rules checkpoint and stop on SIGTERM (lamda_repro/resume.py). SLURM sends it to the
 # job's steps this many seconds before the time limit (sbatch --signal=TERM@<s>), so the run
-# writes a checkpoint and exits 75 in time, and the retry resumes from it.
+# writes a checkpoint in time. When that checkpoint is ahead of where the attempt started, the
+# run requeues its own job (scontrol requeue; sbatch --requeue allows it): the same job runs
+# again and resumes, without using one of the workflow's `retries`. Without progress it exits
+# 75, and Snakemake's retries (bounded) submit it again.
 RESUMABLE_RULES = frozenset({"finetune", "recursive_pretrain", "recursive_run"})
 SIGNAL_BEFORE_LIMIT_S = {"smoke": 60, "paper": 600}
-# Rules light enough to run where Snakemake runs (no scheduler round trip): data generation,
-# the tiny models built from configs (a word-level tokenizer and random weights, seconds), the
+# Rules light enough to run where Snakemake runs (no scheduler round trip): data generation, the
 # corpus, aggregation, tables, report pages; the Hub preflight (it needs the login node's internet).
+# Building a tiny model is local too unless it is pretrained (training: a cluster job, never on
+# the login node; build_model_is_local).
 LOCAL_RULES = (
     "all",
     "preflight",
     "prepare_data",
-    "build_model",
     "recursive_corpus",
     "recursive_table",
     "aggregate",
@@ -67,6 +72,13 @@ SITE_KEYS = {
     "gpu_model": "gpu_model",
     "constraint": "constraint",
 }
+
+
+def build_model_is_local(cfg: dict[str, Any]) -> bool:
+    """Whether the build_model rule runs where Snakemake runs: only when no model built from the
+    config is pretrained (a tokenizer and random weights take seconds; pretraining is training)."""
+    models = cfg.get("models") or {}
+    return not any(m.get("source") == "build" and m.get("pretrain") for m in models.values())
 
 
 # The c10d rendezvous of a multi-node run listens on this port of the allocation's first node.
@@ -155,7 +167,8 @@ def job_resources(
     if sizes:
         mem_mb, runtime = sizes.get("mem_mb", mem_mb), sizes.get("runtime", runtime)
     own = (cluster.get("jobs") or {}).get(rule, {})
-    on_gpu = rule in GPU_RULES and (device or cfg.get("device", "auto")) != "cpu"
+    # `device: cpu` in the config means no GPU anywhere, whatever a stage's own device says
+    on_gpu = rule in GPU_RULES and "cpu" not in (cfg.get("device", "auto"), device)
     if not on_gpu:
         n_gpu = 0
     elif gpus is not None:
@@ -173,7 +186,7 @@ def job_resources(
         res["gpu"] = 0
         res["cpus_per_task"] = int(own.get("cpus", cluster.get("cpus", max(1, cfg.get("threads", 1) or 1))))
     if rule in RESUMABLE_RULES:
-        res["slurm_extra"] = f"--signal=TERM@{SIGNAL_BEFORE_LIMIT_S[scale]}"
+        res["slurm_extra"] = f"--signal=TERM@{SIGNAL_BEFORE_LIMIT_S[scale]} --requeue"
     for key, resource in SITE_KEYS.items():
         value = own.get(key, cluster.get(key))
         if value not in (None, ""):
@@ -181,3 +194,112 @@ def job_resources(
                 continue
             res[resource] = str(value)
     return res
+
+
+# ------------------------------------------------------------------------- check before submitting
+# Answers of `sbatch --test-only` that say SLURM could not be asked, not that it refused.
+_UNREACHABLE = ("Unable to contact", "Socket timed out", "Connection refused", "Zero Bytes were transmitted")
+
+
+def sbatch_request(resources: dict[str, Any], threads: int = 1) -> list[str]:
+    """The sbatch options of one job's request, as the SLURM executor plugin passes them: partition,
+    account, QoS, constraint, runtime, memory, nodes, GPUs (with their model) and CPUs."""
+    args: list[str] = []
+    for key, flag in (("slurm_partition", "-p"), ("slurm_account", "-A"), ("constraint", "-C")):
+        if resources.get(key) not in (None, ""):
+            args += [flag, str(resources[key])]
+    if resources.get("qos") not in (None, ""):
+        args.append(f"--qos={resources['qos']}")
+    if resources.get("runtime"):
+        args += ["-t", str(resources["runtime"])]
+    if resources.get("mem_mb_per_cpu"):
+        args += ["--mem-per-cpu", str(resources["mem_mb_per_cpu"])]
+    elif resources.get("mem_mb"):
+        args += ["--mem", str(resources["mem_mb"])]
+    if int(resources.get("nodes") or 1) > 1:
+        args += ["-N", str(resources["nodes"])]
+    gpus = int(resources.get("gpu") or 0)
+    if resources.get("gpu_model"):
+        args.append(f"--gpus={resources['gpu_model']}:{gpus or 1}")
+    elif gpus:
+        args.append(f"--gpus={gpus}")
+    if resources.get("gres"):
+        args.append(f"--gres={resources['gres']}")
+    if resources.get("cpus_per_task"):
+        if int(resources["cpus_per_task"]) >= 0:
+            args.append(f"--cpus-per-task={max(1, int(resources['cpus_per_task']))}")
+    elif (gpus or resources.get("gpu_model")) and resources.get("cpus_per_gpu"):
+        args.append(f"--cpus-per-gpu={int(resources['cpus_per_gpu'])}")
+    else:
+        args.append(f"--cpus-per-task={max(1, int(threads))}")
+    return args
+
+
+def unsatisfiable(jobs: list[tuple[str, dict[str, Any], int]], run=None) -> str | None:
+    """Ask SLURM (``sbatch --test-only``: nothing is submitted) whether it can ever run each
+    distinct request of ``jobs`` ((rule, resources, threads) of the jobs about to be submitted).
+    A request no node or partition can satisfy (more memory or CPUs than any node, a GPU on a
+    cluster without GPUs, an unknown partition or GPU model) would be refused at submission or
+    left pending forever; the answer is one line naming each such rule, its request and SLURM's
+    reason, or None when every request fits (or SLURM cannot be reached: then submission tells)."""
+    import subprocess
+
+    run = run or subprocess.run
+    asked: dict[tuple[str, ...], str] = {}
+    refused: list[str] = []
+    for rule, resources, threads in jobs:
+        request = tuple(sbatch_request(resources, threads))
+        if request in asked:
+            continue
+        try:
+            proc = run(
+                ["sbatch", "--test-only", *request, "--wrap", "true"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        answer = [line for line in (proc.stderr or "").splitlines() if line.strip()]
+        reason = answer[-1] if answer else f"sbatch exit {proc.returncode}"
+        asked[request] = reason
+        if proc.returncode == 0:
+            continue
+        if any(marker in reason for marker in _UNREACHABLE):
+            return None
+        for prefix in ("sbatch: error: ", "allocation failure: "):
+            reason = reason.removeprefix(prefix)
+        refused.append(f"rule {rule} ({' '.join(request)}): {reason}")
+    if not refused:
+        return None
+    return (
+        "cluster error: SLURM can never run "
+        + "; ".join(refused)
+        + ". Nothing was submitted: change the request in the config's cluster: section"
+        " (cluster.jobs.<rule>, config/README.md) or with --set-resources <rule>:<key>=<value>."
+    )
+
+
+# The SLURM executor plugin (2.8) guesses an account when none is given by running sacct with a
+# shell pipe passed as arguments, which fails on every cluster and prints an sacct error; the job
+# is then submitted without -A, i.e. with the user's default account, the outcome wanted anyway.
+_ACCOUNT_GUESS = (
+    "No SLURM account given, trying to guess",
+    "No account was given, not able to get a SLURM account via sacct",
+    "Unable to guess SLURM account",
+)
+
+
+class _AccountGuessFilter:
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(_ACCOUNT_GUESS)
+
+
+def quiet_account_guess(logger_name: str = "snakemake.logging") -> None:
+    """Drop the plugin's account-guess messages (a config without ``cluster.account``: jobs use the
+    user's default SLURM account); once per process."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _AccountGuessFilter) for f in logger.filters):
+        logger.addFilter(_AccountGuessFilter())

@@ -47,7 +47,41 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class Preempted(Exception):
-    """SIGTERM (preemption or the time limit) arrived; a checkpoint was written where possible."""
+    """SIGTERM (preemption or the time limit) arrived; a checkpoint was written where possible.
+    ``progressed``: that checkpoint is ahead of the step this attempt started from."""
+
+    def __init__(self, message: str = "", progressed: bool = False):
+        super().__init__(message)
+        self.progressed = progressed
+
+
+def requeue_after_progress(exc: BaseException, env=None, run=None) -> str | None:
+    """Inside a SLURM job, put the job back into SLURM's queue when ``exc`` is a preemption after
+    progress (a checkpoint ahead of where this attempt started): the same job id runs again
+    and resumes, so the workflow's ``retries`` count only attempts that made no progress and a
+    run needing many time slots is continued as often as it needs. The job id requeued, or None
+    (not in SLURM, no progress, another rank than 0, or SLURM refused: then exit 75 and the
+    workflow's retry resumes instead)."""
+    import subprocess
+
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID", "")
+    if not (isinstance(exc, Preempted) and exc.progressed and job.isdigit() and rank_zero()):
+        return None
+    run = run or subprocess.run
+    try:  # the requeue ends this job's steps with SIGTERM: report and exit 75 first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        proc = run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s: %s", job, err)
+        return None
+    if proc.returncode != 0:
+        log.warning("could not requeue SLURM job %s: %s", job, (proc.stderr or "").strip())
+        return None
+    return job
 
 
 def _offline_refusal(exc: BaseException) -> bool:

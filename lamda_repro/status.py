@@ -5,10 +5,13 @@ For every run the config defines, its record and log are where the workflow puts
 
 - done: its record says ``success``;
 - failed: its record says ``failed`` (listed with the first line of the error and the log path);
-- running: Snakemake has marked its record as being made (``.snakemake/incomplete/``, with the
-  SLURM job id when the job was submitted to a cluster); a job killed together with Snakemake
-  stays here until the next ``snakemake`` run (``--rerun-incomplete`` in the profile);
-- missing: none of these (not started yet, or a transient failure waiting for its retry).
+- running: Snakemake has marked its record as being made (``.snakemake/incomplete/``), with the
+  SLURM job id when the job was submitted to a cluster (the job in SLURM's queue whose comment
+  names the rule and the run: the marker's own id is overwritten by the Snakemake inside the job);
+  a job killed together with Snakemake stays here until the next ``snakemake`` run
+  (``--rerun-incomplete`` in the profile);
+- missing: none of these (not started yet, or a transient failure waiting for its retry); a
+  run whose SLURM job is in the queue without a marker (requeued, pending) counts as running.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ class Entry:
     run: str
     record: str
     log: str
+    job: str = ""  # the comment the SLURM executor plugin gives the run's job (slurm_comment)
+
+
+def slurm_comment(rule: str, wildcards: list[str]) -> str:
+    """The ``--comment`` the SLURM executor plugin gives a job of ``rule`` with these wildcard
+    values (in the order of the rule's output pattern)."""
+    return f"rule_{rule}_wildcards_" + "_".join(wildcards).replace("/", "_")
 
 
 @dataclass
@@ -49,6 +59,7 @@ def expected_runs(cfg: dict[str, Any]) -> list[Entry]:
             s.run_id,
             record_path(results, s.run_id),
             f"{logs}/finetune/{s.run_id}.log",
+            slurm_comment("finetune", [s.experiment, s.task, s.model, s.method, str(s.seed)]),
         )
         for s in expand_runs(cfg)
     ]
@@ -65,6 +76,7 @@ def expected_runs(cfg: dict[str, Any]) -> list[Entry]:
                     rid,
                     f"{results}/runs/recursive/{rid}.json",
                     f"{logs}/recursive/run/{rid}.log",
+                    slurm_comment("recursive_run", [rid]),
                 )
             )
             if run.get("early_exit"):
@@ -74,6 +86,7 @@ def expected_runs(cfg: dict[str, Any]) -> list[Entry]:
                         rid,
                         f"{results}/runs/early_exit/{rid}.json",
                         f"{logs}/recursive/early_exit/{rid}.log",
+                        slurm_comment("recursive_early_exit", [rid]),
                     )
                 )
     return entries
@@ -100,6 +113,29 @@ def incomplete_outputs(root: str | Path = ".") -> dict[str, str | None]:
     return found
 
 
+def slurm_jobs(root: str | Path = ".") -> dict[str, str]:
+    """Job comment -> SLURM job id of the jobs in SLURM's queue (pending or running) that run in
+    ``root``; empty where there is no squeue or it does not answer."""
+    import shutil
+    import subprocess
+
+    if shutil.which("squeue") is None:
+        return {}
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--format=%i|%k|%Z"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    here = Path(root).resolve()
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and Path(parts[2]).resolve() == here:
+            jobs[parts[1]] = parts[0]
+    return jobs
+
+
 def first_error_line(record: dict[str, Any]) -> str:
     error = record.get("error") or "(no error message)"
     return str(error).splitlines()[0]
@@ -109,22 +145,35 @@ def collect(
     cfg: dict[str, Any],
     root: str | Path = ".",
     stale: Callable[[dict[str, Any]], set[str]] | None = None,
+    queue: Callable[[Path], dict[str, str]] = slurm_jobs,
 ) -> tuple[dict[str, StageCount], list[str]]:
     """(stage -> counts, stale record paths). ``stale(cfg)`` lists records whose spec no longer
-    matches the config (``stale_record_paths``)."""
+    matches the config (``stale_record_paths``); ``queue(root)`` the SLURM jobs running there by
+    their comment (asked once, when a running job's marker names no job id or a record is
+    missing: a job requeued after a preemption is pending without a marker)."""
     root = Path(root)
     running = incomplete_outputs(root)
+    queued: dict[str, str] | None = None
     stages: dict[str, StageCount] = {}
     for entry in expected_runs(cfg):
         count = stages.setdefault(entry.stage, StageCount())
         if entry.record in running:
-            count.running.append((entry.run, running[entry.record]))
+            job = running[entry.record]
+            if job is None:
+                queued = queue(root) if queued is None else queued
+                job = queued.get(entry.job)
+            count.running.append((entry.run, job))
             continue
         path = root / entry.record
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
-            count.missing += 1
+            # a SLURM job between two attempts (requeued after a preemption) has no marker
+            queued = queue(root) if queued is None else queued
+            if entry.job in queued:
+                count.running.append((entry.run, queued[entry.job]))
+            else:
+                count.missing += 1
             continue
         except (OSError, ValueError):
             count.failed.append((entry.run, "unreadable record", entry.record))

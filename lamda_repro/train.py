@@ -407,7 +407,11 @@ def _run(
             raise CheckpointLoadError(resume[0], exc) from exc
     sigterm.training = False
     if sigterm.received:
-        raise Preempted(f"SIGTERM during training: checkpoint at step {trainer.state.global_step} written")
+        step = trainer.state.global_step
+        raise Preempted(
+            f"SIGTERM during training: checkpoint at step {step} written",
+            progressed=step > (resumed.get("from_step") or 0),
+        )
     record["resume"] = {"resumed": resumed["count"], "from_step": resumed.get("from_step")}
     breakdown = measure.memory_breakdown(model, trainer.optimizer)
     breakdown["grad_bytes"] = grads

@@ -8,7 +8,14 @@ themselves, passed over a Unix socket) to a *zygote* server of this user that ha
 imported, which forks a fresh worker for it. The worker runs ``lamda_repro.cli.main`` exactly as
 the client would have; the client waits, forwards SIGTERM / SIGINT / SIGHUP to it, and exits with
 its status. Nothing else changes: one job is still one process tree with its own log, record and
-seed; a client killed with SIGKILL takes its worker with it.
+seed.
+
+The worker lives only as long as its client: a client killed with SIGKILL takes its worker with
+it (its handler sees the connection close), a handler that dies takes its worker with it (the
+kernel's parent-death signal), and a client whose connection breaks kills the worker and waits
+until it is gone before it reports the failure, so a retry never trains beside a worker that
+would still write the record. A worker starts only after its client confirmed it (a second
+message), so a client that gave up waiting never has its job run twice.
 
 Safety rules (each falls back to the ordinary cold start, never to an error):
 - only when ``LAMDA_REPRO_WARM=1`` (the Snakefile sets it for local execution when the config
@@ -19,7 +26,9 @@ Safety rules (each falls back to the ordinary cold start, never to an error):
   libraries read at import time, so a client with other settings gets its own server;
 - the suite's own modules are never preloaded: a worker always imports the code on disk;
 - no server: the client spawns one in the background and runs its own job cold. The server exits
-  after ``IDLE_S`` seconds without a job (and when the workflow ends: :func:`stop_servers`).
+  after ``IDLE_S`` seconds without a job (and when the workflow ends: :func:`stop_servers`);
+- a server that does not answer within ``ANSWER_TIMEOUT_S`` (stopped, overloaded, hung in an
+  import): the client runs its job cold.
 
 Only the standard library is imported here: this module runs before anything heavy.
 """
@@ -65,6 +74,12 @@ _IMPORT_TIME_PREFIXES = (
 )
 IDLE_S = 120.0
 FAILED_RETRY_S = 600.0
+# Seconds a client waits for the server to take its job (connect and the worker's pid) before it
+# runs the job cold; a live server answers in milliseconds.
+ANSWER_TIMEOUT_S = 10.0
+# Seconds a client waits for a worker it killed to be gone.
+KILL_WAIT_S = 30.0
+_GO = b"g"  # the client's confirmation that its worker may start
 _HEADER = struct.Struct("!I")
 
 
@@ -134,8 +149,12 @@ def forward(argv: list[str], entry: str = "lamda_repro.cli:main") -> int | None:
         return None
     sock_path = folder / f"{server_key()}.sock"
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(ANSWER_TIMEOUT_S)
     try:
         conn.connect(str(sock_path))
+    except TimeoutError:
+        conn.close()
+        return None  # a server that does not take connections: run here, leave its socket alone
     except OSError:
         conn.close()
         _spawn_server(folder, sock_path)
@@ -176,18 +195,21 @@ def _run_remote(conn: socket.socket, argv: list[str], entry: str) -> int | None:
     umask = os.umask(0o022)
     os.umask(umask)
     request = {"argv": list(argv), "entry": entry, "env": env, "cwd": os.getcwd(), "umask": umask}
+    # Until the worker is confirmed, a server that does not answer in time (timeout) or goes away
+    # loses nothing: the job has not started, and it runs here.
     try:
+        conn.settimeout(ANSWER_TIMEOUT_S)
         _send_msg(conn, request, fds=(0, 1, 2))
         worker = int(_recv_msg(conn)["pid"])
+        handle = _pidfd(worker)
+        conn.sendall(_GO)
+        conn.settimeout(None)
     except (OSError, ConnectionError, ValueError, KeyError):
-        return None  # the server went away before taking the job: run it here
+        return None
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
     def relay(signum, _frame):
-        try:
-            os.kill(worker, signum)
-        except ProcessLookupError:
-            pass
+        _signal_worker(worker, handle, signum)
 
     previous = {s: signal.signal(s, relay) for s in forwarded}
     try:
@@ -198,11 +220,20 @@ def _run_remote(conn: socket.socket, argv: list[str], entry: str) -> int | None:
             except InterruptedError:
                 continue
     except (OSError, ConnectionError, ValueError):
-        print("lamda-repro: the warm-start server lost this job (its worker did not report)", file=sys.stderr)
+        # The worker's handler is gone: end the worker before reporting, so that nothing of this
+        # job runs (or writes its record) after this client has exited.
+        gone = _kill_worker(worker, handle)
+        print(
+            "lamda-repro: the warm-start server lost this job (its worker did not report); the worker "
+            + ("was stopped" if gone else f"(pid {worker}) did not stop within {KILL_WAIT_S:.0f} s"),
+            file=sys.stderr,
+        )
         return 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if handle is not None:
+            os.close(handle)
     if "signal" in reply:  # end the way the worker ended: killed by that signal
         sys.stdout.flush()
         sig = int(reply["signal"])
@@ -211,6 +242,43 @@ def _run_remote(conn: socket.socket, argv: list[str], entry: str) -> int | None:
         os.kill(os.getpid(), sig)
         return 128 + sig
     return int(reply["exit"])
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of the worker (signals reach that process even after its pid is reused)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _signal_worker(pid: int, handle: int | None, signum: int) -> None:
+    try:
+        if handle is not None:
+            signal.pidfd_send_signal(handle, signum)
+        else:
+            os.kill(pid, signum)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+def _kill_worker(pid: int, handle: int | None) -> bool:
+    """SIGKILL the worker and wait until it has ended; whether it did within ``KILL_WAIT_S``."""
+    import select
+
+    _signal_worker(pid, handle, signal.SIGKILL)
+    if handle is not None:  # readable once the process has ended
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        return bool(poller.poll(KILL_WAIT_S * 1000))
+    deadline = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _spawn_server(folder: Path, sock_path: Path) -> None:
@@ -370,14 +438,32 @@ def _handle(conn: socket.socket) -> int:
         return 0
     if len(fds) != 3:
         return 1
+    go_read, go_write = os.pipe()
+    handler = os.getpid()
     worker = os.fork()
     if worker == 0:
         conn.close()
+        os.close(go_write)
+        _die_with_parent(handler)
+        if os.read(go_read, 1) != _GO:  # the client never confirmed (it runs the job itself)
+            os._exit(1)
+        os.close(go_read)
         _become_worker(request, fds)  # never returns
+    os.close(go_read)
     for fd in fds:
         os.close(fd)
+    try:
+        _send_msg(conn, {"pid": worker})
+        confirmed = _recv_exact(conn, len(_GO)) == _GO
+    except (OSError, ConnectionError):
+        confirmed = False
+    if not confirmed:  # the client timed out or went away: this job is not ours to run
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        return 0
+    os.write(go_write, _GO)
+    os.close(go_write)
     conn.settimeout(None)
-    _send_msg(conn, {"pid": worker})
     while True:
         got, status = os.waitpid(worker, os.WNOHANG)
         if got:
@@ -402,6 +488,20 @@ def _handle(conn: socket.socket) -> int:
     except OSError:
         pass
     return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent (the job's handler, which holds the
+    client's connection) dies; exit now if it already has."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _become_worker(request: dict, fds: list[int]) -> None:

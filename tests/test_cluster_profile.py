@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_paper_grid import _dry_run
 
-from lamda_repro.cluster import LOCAL_RULES, job_resources
+from lamda_repro.cluster import LOCAL_RULES, build_model_is_local, job_resources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,10 @@ def test_gpu_override_and_cpu_switch_keep_memory_and_runtime():
     for res in _by_rule(jobs, "recursive_run"):
         got = (res["gpu"], res["mem_mb"], res["runtime"], res["slurm_partition"])
         assert got == ("0", "200000", "4320", "cpu")
+    # the paper config's bench says `device: cuda`; `device=cpu` wins there too
+    (bench,) = _by_rule(jobs, "bench")
+    assert bench["gpu"] == "0" and "cpus_per_gpu" not in bench and "gpu_model" not in bench
+    assert all(res["gpu"] == "0" for _, res in jobs if "gpu" in res)
 
 
 def test_job_resources_from_config():
@@ -104,7 +108,7 @@ def test_job_resources_from_config():
         "runtime": 720,
         "gpu": 1,
         "cpus_per_gpu": 8,
-        "slurm_extra": "--signal=TERM@600",  # the run checkpoints before the time limit
+        "slurm_extra": "--signal=TERM@600 --requeue",  # the run checkpoints before the time limit
     }
     site = {"partition": "gpu", "account": "a", "qos": "q", "gpu_model": "h100", "gpus": 2}
     own = {"jobs": {"recursive_run": {"mem_mb": 1000, "runtime": 5, "partition": "long"}}}
@@ -118,7 +122,7 @@ def test_job_resources_from_config():
         "slurm_account": "a",
         "qos": "q",
         "gpu_model": "h100",
-        "slurm_extra": "--signal=TERM@600",
+        "slurm_extra": "--signal=TERM@600 --requeue",
     }
     assert job_resources(cfg, "finetune", gpus=4)["gpu"] == 4
     smoke = job_resources({"scale": "smoke", "device": "cpu", "threads": 1}, "finetune")
@@ -127,7 +131,7 @@ def test_job_resources_from_config():
         "runtime": 30,
         "gpu": 0,
         "cpus_per_task": 1,
-        "slurm_extra": "--signal=TERM@60",
+        "slurm_extra": "--signal=TERM@60 --requeue",
     }
     # CPU-only rules never ask for a GPU
     assert job_resources(cfg, "recursive_relax_error")["gpu"] == 0
@@ -138,6 +142,12 @@ def test_light_rules_are_local():
     declared = re.search(r"^localrules:\n((?:    \w+,\n)+)", text, re.M).group(1).split()
     assert sorted(r.rstrip(",") for r in declared) == sorted(r for r in LOCAL_RULES if r != "all")
     assert "localrule: True" in text.split("rule all:")[1]
+    # building a tiny model is light, pretraining it is training: then it is a cluster job
+    built = {"source": "build", "tokenizer": {}, "config": {}}
+    assert build_model_is_local({"models": {"m": built, "hub": {"source": "hub", "pretrain": {}}}})
+    assert not build_model_is_local({"models": {"m": {**built, "pretrain": {"steps": 10}}}})
+    rules = (REPO / "workflow" / "rules" / "finetune.smk").read_text().split("rule build_model:")[1]
+    assert "localrule: build_model_is_local(CFG)" in rules.split("\nrule ")[0]
 
 
 def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_path):

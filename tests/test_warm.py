@@ -52,11 +52,14 @@ def server(tmp_path):
     proc.wait()
 
 
-def _client(entry: str, args: list[str], env: dict, cwd: Path, out: Path) -> subprocess.Popen:
+def _client(
+    entry: str, args: list[str], env: dict, cwd: Path, out: Path, answer_timeout: float = 10.0
+) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import sys
         from lamda_repro import warm
+        warm.ANSWER_TIMEOUT_S = {answer_timeout!r}
         rc = warm.forward(sys.argv[1:], entry={entry!r})
         sys.exit(99 if rc is None else rc)
         """
@@ -99,6 +102,45 @@ def test_a_killed_client_takes_its_worker_with_it(server, tmp_path):
     proc.kill()
     proc.wait()
     _wait_for(lambda: not _alive(worker))
+
+
+def test_a_lost_connection_ends_the_worker_before_the_client_exits(server, tmp_path):
+    """The worker's handler dies (the connection breaks): the client reports the failure only
+    once the worker is gone, so the worker can never write its record after that report."""
+    folder, env, _ = server
+    pid_file = tmp_path / "worker.pid"
+    proc = _client("warm_entries:wait_for_term", [str(pid_file)], env, tmp_path, tmp_path / "out.txt")
+    _wait_for(pid_file.exists)
+    worker = int(pid_file.read_text())
+    handler = _parent(worker)
+    os.kill(handler, signal.SIGKILL)
+    assert proc.wait(timeout=30) == 1
+    assert not _alive(worker)  # already gone when the client exited
+    assert "lost this job" in (tmp_path / "out.err").read_text()
+
+
+def test_a_server_that_does_not_answer_means_a_cold_start_and_the_job_runs_once(server, tmp_path):
+    """A stopped server accepts connections (the kernel queues them) but never answers: the
+    client gives up after its timeout and runs the job itself; when the server wakes up, it does
+    not start the abandoned job."""
+    folder, env, proc = server
+    marker = tmp_path / "ran.txt"
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        client = _client(
+            "warm_entries:append", [str(marker)], env, tmp_path, tmp_path / "out.txt", answer_timeout=1.0
+        )
+        assert client.wait(timeout=30) == 99  # forward() returned None: run cold
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(2)  # the woken server takes the queued connection and drops the job
+    assert not marker.exists()
+    # and it still serves the next client
+    again = _client("warm_entries:append", [str(marker)], env, tmp_path, tmp_path / "out2.txt")
+    assert again.wait(timeout=30) == 0
+    assert marker.read_text() == "ran\n"
 
 
 def test_a_worker_killed_by_a_signal_ends_the_client_the_same_way(server, tmp_path):
@@ -151,6 +193,13 @@ def test_the_server_key_follows_import_time_settings_only():
     assert warm.server_key({**base, "OMP_NUM_THREADS": "4"}, "python", []) != key
     assert warm.server_key(base, "python3.12", []) != key
     assert warm.server_key(base, "python", ["/elsewhere"]) != key
+
+
+def _parent(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no parent of {pid}")
 
 
 def _alive(pid: int) -> bool:

@@ -35,3 +35,10 @@ def wait_for_term(argv: list[str]) -> int:
 def die_by_signal(argv: list[str]) -> int:
     os.kill(os.getpid(), signal.SIGKILL)
     return 0
+
+
+def append(argv: list[str]) -> int:
+    """Append a line to the file argv[0] (a job that shows how often it ran)."""
+    with open(argv[0], "a") as fh:
+        fh.write("ran\n")
+    return 0

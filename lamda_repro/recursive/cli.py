@@ -33,7 +33,7 @@ def cmd_corpus(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from lamda_repro.recursive.runner import pick_device, pretrain_model
-    from lamda_repro.resume import TRANSIENT_EXIT, is_transient
+    from lamda_repro.resume import TRANSIENT_EXIT, is_transient, requeue_after_progress
 
     setup_threads(args)
     try:
@@ -41,8 +41,10 @@ def cmd_pretrain(args) -> int:
     except Exception as exc:
         if not is_transient(exc):
             raise
+        job = requeue_after_progress(exc)
         print(
-            f"pretraining {args.model} INTERRUPTED ({type(exc).__name__}: {exc}); exit {TRANSIENT_EXIT}",
+            f"pretraining {args.model} INTERRUPTED ({type(exc).__name__}: {exc}); exit {TRANSIENT_EXIT}"
+            + (f", SLURM job {job} requeued" if job else ""),
             file=sys.stderr,
         )
         return TRANSIENT_EXIT
@@ -52,7 +54,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_run(args) -> int:
     from lamda_repro.recursive.runner import execute_run
-    from lamda_repro.resume import TRANSIENT_EXIT, is_transient
+    from lamda_repro.resume import TRANSIENT_EXIT, is_transient, requeue_after_progress
 
     setup_threads(args)
     try:
@@ -61,8 +63,11 @@ def cmd_run(args) -> int:
         if not is_transient(exc):
             raise
         why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        job = requeue_after_progress(exc)
         print(
-            f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}", file=sys.stderr
+            f"run {args.run} INTERRUPTED ({why}); no record written, exit {TRANSIENT_EXIT}"
+            + (f", SLURM job {job} requeued" if job else ""),
+            file=sys.stderr,
         )
         return TRANSIENT_EXIT
     return write_job_record(args, record, f"run {args.run}")

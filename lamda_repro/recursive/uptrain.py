@@ -235,7 +235,10 @@ def train_causal_lm(
                 state["train_time_s"] = time_before + time.perf_counter() - start
                 _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
             if term:
-                raise Preempted(f"SIGTERM during {desc}: checkpoint at step {step + 1} written")
+                raise Preempted(
+                    f"SIGTERM during {desc}: checkpoint at step {step + 1} written",
+                    progressed=step + 1 > first_step,
+                )
     model.eval()
     elapsed = time_before + time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :] if losses else []

@@ -10,10 +10,12 @@ BENCH_FLAGS = {
     "full_layers": "--full-layers", "steps": "--steps", "warmup": "--warmup", "run_steps": "--run-steps",
     "freeze_fraction": "--freeze-fraction", "device": "--device", "threads": "--threads", "seed": "--seed",
 }
+# `device: cpu` in the config (a CPU-only cluster or machine) overrides the bench's own device.
+BENCH_DEVICE = "cpu" if CFG["device"] == "cpu" else BENCH.get("device", CFG["device"])
 # One argument per item, each quoted in the shell command ({params.args:q}).
 BENCH_ARGS = (
-    [str(a) for key, flag in BENCH_FLAGS.items() if key in BENCH for a in (flag, BENCH[key])]
-    + ([] if "device" in BENCH else ["--device", CFG["device"]])
+    [str(a) for key, flag in BENCH_FLAGS.items() if key in BENCH and key != "device" for a in (flag, BENCH[key])]
+    + ["--device", BENCH_DEVICE]
     + (["--methods", *map(str, BENCH["methods"])] if "methods" in BENCH else [])
 )
 if BENCH_ENABLED:
@@ -34,7 +36,7 @@ rule bench:
         **job_resources(
             CFG,
             "bench",
-            device=BENCH.get("device"),
+            device=BENCH_DEVICE,
             sizes={k: BENCH[b] for k, b in (("mem_mb", "mem_mb"), ("runtime", "runtime_min")) if b in BENCH},
         ),
     log:

@@ -1,6 +1,7 @@
 # Config -> run list. The config is checked before any job runs: first by the library (one line
 # naming the key and the problem), then by Snakemake against the same JSON schema.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,15 @@ from snakemake.utils import validate
 
 import lamda_repro.recursive  # registers the check of the config's recursive section
 from lamda_repro import warm
-from lamda_repro.cluster import job_resources, launcher, multinode_resources, run_nodes
+from lamda_repro.cluster import (
+    build_model_is_local,
+    job_resources,
+    launcher,
+    multinode_resources,
+    quiet_account_guess,
+    run_nodes,
+    unsatisfiable,
+)
 from lamda_repro.config import ConfigError, expand_runs, load_config, record_path, validate_config
 from lamda_repro.report_cli import aggregate_outputs
 
@@ -20,9 +29,15 @@ except ConfigError as exc:
 validate(config, "../schemas/config.schema.yaml")
 
 WORKDIR = CFG["workdir"]
+# No account in the config: SLURM jobs use the user's default account, without the executor
+# plugin's failing sacct guess on the screen (lamda_repro/cluster.py quiet_account_guess).
+if not (CFG.get("cluster") or {}).get("account"):
+    quiet_account_guess()
 
 # Warm starts (lamda_repro/warm.py): with `warm_start: true`, offline, and jobs run by this
 # Snakemake process (not a cluster), heavy jobs fork from a server that has torch & co. imported.
+# The executor is not known while this file is read (local_exec is True then even for SLURM): the
+# Snakefile's onstart turns warm starts off again before anything is submitted to a cluster.
 WARM = bool(CFG.get("warm_start")) and CFG["offline"] and workflow.local_exec and not workflow.remote_exec
 if WARM and not workflow.dryrun:
     warm.enable_for_jobs()
@@ -41,6 +56,15 @@ wildcard_constraints:
     method=r"[^/]+",
     seed=r"\d+",
     dataset=r"[^/]+",
+
+
+def cluster_jobs():
+    """(rule, resources, threads) of the jobs this run submits to SLURM; none for other executors
+    and inside a cluster job (called once the jobs are known: onstart in the Snakefile)."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm" or workflow.remote_exec:
+        return []
+    return [(job.rule.name, dict(job.resources), job.threads) for job in workflow.dag.needrun_jobs() if not job.is_local]
 
 
 def run_record(spec):

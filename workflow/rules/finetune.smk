@@ -25,6 +25,10 @@ rule build_model:
         entry=lambda w: json.dumps(CFG["models"][w.model], sort_keys=True),
         workdir=lambda w, output: Path(output[0]).parents[2],
     threads: max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "build_model"),
+    # pretraining is training: a cluster job, never on the login node
+    localrule: build_model_is_local(CFG)
     log:
         f"{LOGS}/build_model/{{model}}.log",
     conda:

@@ -1,6 +1,7 @@
 """Command-line subcommands of the recursive stage (registered by ``add_cli``).
 
 recursive-corpus    write the smoke corpus, tokenizer and lm-eval tasks
+recursive-tokenize  tokenize the corpus once per tokenizer into token shards and a manifest
 recursive-pretrain  pretrain a tiny model of the config on the corpus
 recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
 recursive-table     table (md/csv/tex) and figure from records
@@ -50,13 +51,34 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    from lamda_repro.recursive.runner import tokenize_corpus
+
+    section = load_section(args)
+    manifest = tokenize_corpus(section, args.tokens, Path(args.workdir), workers=args.workers)
+    summary = {
+        split: {k: v for k, v in entry.items() if k != "shards"}
+        for split, entry in manifest["splits"].items()
+    }
+    print(
+        json.dumps({"tokens": args.tokens, "tokenize_time_s": manifest["tokenize_time_s"], "splits": summary})
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
+    from lamda_repro.recursive import parallel
     from lamda_repro.recursive.runner import execute_run
     from lamda_repro.resume import TRANSIENT_EXIT, is_transient
 
     setup_threads(args)
+    parallel.init_from_env(args.device)  # several processes under torchrun: DDP uptraining
     try:
         record = execute_run(load_section(args), args.run, Path(args.workdir), args.device)
+        main = parallel.is_main_process()
+        parallel.shutdown()
+        if not main:
+            return 0  # rank 0 evaluates and writes the record
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -193,6 +215,14 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("recursive-corpus", help="write the smoke corpus, tokenizer and tasks")
     add_common_args(p)
     p.set_defaults(func=cmd_corpus)
+
+    p = subparsers.add_parser(
+        "recursive-tokenize", help="tokenize the corpus once per tokenizer into token shards + manifest"
+    )
+    add_common_args(p)
+    p.add_argument("--tokens", required=True, help="token set name (recursive.models' tokenizer key)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one shard each at a time)")
+    p.set_defaults(func=cmd_tokenize)
 
     p = subparsers.add_parser("recursive-pretrain", help="pretrain a tiny model on the corpus")
     add_common_args(p)

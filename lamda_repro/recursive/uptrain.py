@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lamda_repro.recursive import parallel
 from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combined_loss, distillation_loss
 from lamda_repro.resume import Preempted, SigtermFlag, last_complete, write_marker
 
@@ -169,6 +170,7 @@ def train_causal_lm(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     params, optimizer, scheduler = adamw_with_schedule(model, cfg)
+    replica = wrap_data_parallel(model, device)  # the model itself in one process
     # bf16 autocast runs on CUDA only; elsewhere the run trains in fp32 and its stats say so.
     precision = "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"
     bf16 = precision == "bf16"
@@ -179,46 +181,51 @@ def train_causal_lm(
     losses: list[float] = []
     tokens = 0
     first_step, resumes, time_before = 0, 0, 0.0
+    world = parallel.rank_and_world()[1]
     if checkpointing is not None:
         found = last_complete(checkpointing.directory, checkpointing.digest)
         if found is not None:
             state = _load_checkpoint(found[0], model, optimizer, scheduler, device)
             first_step, losses, tokens = state["step"], state["losses"], state["tokens"]
             resumes, time_before = state["resumes"] + 1, state["train_time_s"]
-            for _ in range(first_step * cfg.grad_accum):  # the batches those steps consumed
-                next(batches)
+            skip_consumed(batches, first_step * cfg.grad_accum)
             log.info("resuming %s from %s (step %d, resume %d)", desc, found[0], first_step, resumes)
     start = time.perf_counter()
     bar = tqdm(range(first_step, cfg.steps), desc=desc, mininterval=1.0, disable=cfg.steps == 0)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             input_ids = next_batch(batches, device, step, cfg)
-            with autocast:
-                logits = model(input_ids=input_ids).logits
-                lm = causal_lm_loss(logits, input_ids)
-                kd = None
-                if cfg.kd_weight > 0:
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=input_ids).logits
-                    kd = distillation_loss(logits, teacher_logits, cfg.kd_loss, cfg.kd_temperature)
-                loss = combined_loss(lm, kd, cfg.kd_weight) / cfg.grad_accum
-            loss.backward()
+            with accumulating(replica, last=micro == cfg.grad_accum - 1):
+                with autocast:
+                    logits = replica(input_ids=input_ids).logits
+                    lm = causal_lm_loss(logits, input_ids)
+                    kd = None
+                    if cfg.kd_weight > 0:
+                        with torch.no_grad():
+                            teacher_logits = teacher(input_ids=input_ids).logits
+                        kd = distillation_loss(logits, teacher_logits, cfg.kd_loss, cfg.kd_temperature)
+                    loss = combined_loss(lm, kd, cfg.kd_weight) / cfg.grad_accum
+                loss.backward()
             step_loss += loss.item()
-            tokens += input_ids.numel()
+            tokens += input_ids.numel() * world
         optimizer_step(params, optimizer, scheduler, cfg)
+        step_loss = parallel.mean_over_ranks(step_loss)
         losses.append(step_loss)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         if checkpointing is not None:
-            term = checkpointing.sigterm is not None and checkpointing.sigterm.received
+            term = parallel.any_rank(checkpointing.sigterm is not None and checkpointing.sigterm.received)
             due = cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
             if term or due:
                 state = {"step": step + 1, "losses": losses, "tokens": tokens, "resumes": resumes}
                 state["train_time_s"] = time_before + time.perf_counter() - start
-                _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
+                state["position"] = (step + 1) * cfg.grad_accum * cfg.batch_size  # sequences read
+                if parallel.is_main_process():
+                    _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
+                parallel.barrier()  # no rank goes on (or stops) before the checkpoint is complete
             if term:
                 raise Preempted(f"SIGTERM during {desc}: checkpoint at step {step + 1} written")
     model.eval()
@@ -235,6 +242,33 @@ def train_causal_lm(
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
     }
+
+
+def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel when several processes train (gradients averaged
+    over ranks after each backward), else ``model``; both share the parameters."""
+    if not parallel.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def accumulating(replica: nn.Module, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP's no_sync)."""
+    if last or not hasattr(replica, "no_sync"):
+        return contextlib.nullcontext()
+    return replica.no_sync()
+
+
+def skip_consumed(batches: Iterator[torch.Tensor], count: int) -> None:
+    """Move ``batches`` past the ``count`` batches a resumed run had consumed: in constant time for
+    a loader with a position (token shards), by reading them for a plain iterator."""
+    if hasattr(batches, "skip"):
+        batches.skip(count)
+        return
+    for _ in range(count):
+        next(batches)
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:

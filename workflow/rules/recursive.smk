@@ -75,7 +75,7 @@ rule recursive_tokenize:
         section=REC_JSON,
         workdir=lambda w, output: Path(output[0]).parents[3],
         online="" if CFG.get("offline", True) else "--online",
-    threads: max(1, CFG["threads"])
+    threads: (REC["corpus"].get("tokenize_workers") if REC else None) or max(1, CFG["threads"])
     resources:
         **job_resources(CFG, "recursive_tokenize"),
     log:

@@ -1,9 +1,11 @@
 """Recursive uptraining with KD and early-exit post-training on torch.distributed (group
 `distributed`): two processes (torchrun, gloo, CPU) against one process with the same global
-batch, the record of the stage's job written once, and a SIGKILLed two-process run resumed.
+batch, the record of the stage's job written once, a SIGKILLed two-process run resumed, and
+uptraining under FSDP (sharded student) against one process and resumed from its checkpoint.
 
 Three torchrun launches in all, shared by the tests through one module fixture."""
 
+import functools
 import json
 import os
 import subprocess
@@ -73,7 +75,7 @@ def launched(tmp_path_factory):
     common = ["--base", str(work / "base"), "--tokens", str(tokens)]
     job = json.dumps({"section": section, "run": "tiny--rrt", "workdir": str(work)})
     runs = {
-        "two": _torchrun([*common, "--out", str(work / "two"), "--cli-run", job], work),
+        "two": _torchrun([*common, "--out", str(work / "two"), "--cli-run", job, "--fsdp"], work),
         "killed": _torchrun([*common, "--out", str(work / "resumed"), "--kill-at", "2"], work),
     }
     runs["resumed"] = _torchrun([*common, "--out", str(work / "resumed")], work)
@@ -84,6 +86,7 @@ def _weights(folder, stage, rank):
     return load_file(folder / f"{stage}-rank{rank}.safetensors")
 
 
+@functools.cache
 def _one_process(work, tokens):
     import importlib.util
 
@@ -132,3 +135,19 @@ def test_a_killed_two_process_run_resumes_and_ends_as_the_uninterrupted_one(laun
     for stage in ("uptrain", "early_exit"):
         resumed, uninterrupted = _weights(work / "resumed", stage, 0), _weights(work / "two", stage, 0)
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), stage
+
+
+def test_fsdp_uptraining_equals_one_process_and_resumes_from_its_checkpoint(launched):
+    work, tokens, runs = launched
+    assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
+    sharded, resumed = (
+        load_file(work / "two" / "fsdp.safetensors"),
+        load_file(work / "two" / "fsdp-resumed.safetensors"),
+    )
+    first, second = json.loads((work / "two" / "fsdp-stats.json").read_text())
+    assert second["resumed"] == 1 and second["resumed_from_step"] == 2
+    assert all(torch.equal(sharded[k], resumed[k]) for k in sharded)
+    single = _one_process(work, tokens)[0]
+    worst = max((sharded[k] - single[k]).abs().max().item() for k in single)
+    assert worst < 1e-4, f"FSDP vs 1 process: {worst}"
+    assert first["tokens"] == 4 * 2 * 4 * 16

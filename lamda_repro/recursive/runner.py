@@ -521,10 +521,11 @@ def tokenize_inputs(section: dict[str, Any], key: str, workdir: str | Path) -> l
     return inputs
 
 
-def token_budgets(section: dict[str, Any]) -> dict[str, int]:
-    """Tokens each split must hold: training, what the grid's largest run (uptraining, early-exit
-    post-training, pretraining here) reads, unless ``corpus.train_tokens`` says otherwise; held
-    out, what the largest perplexity or early-exit sweep reads (``corpus.validation_tokens``)."""
+def token_budgets(section: dict[str, Any], key: str | None = None) -> dict[str, int]:
+    """Tokens each split of token set ``key`` (None: any) must hold: training, what the largest
+    run that reads it (uptraining, early-exit post-training, pretraining here) reads, unless
+    ``corpus.train_tokens`` says otherwise; held out, what the largest perplexity or early-exit
+    sweep reads (``corpus.validation_tokens``)."""
     from lamda_repro.recursive.early_exit import EarlyExitConfig
 
     train = [0]
@@ -532,6 +533,8 @@ def token_budgets(section: dict[str, Any]) -> dict[str, int]:
     ev = section["eval"]
     held_out.append(ev["ppl_batches"] * ev["ppl_batch_size"] * (ev["ppl_seq_len"] + 1))
     for run in section["runs"]:
+        if key is not None and tokenizer_key(section, run["model"]) != key:
+            continue
         cfg = uptrain_config(section, run)
         if cfg is not None:
             train.append(cfg.steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len)
@@ -541,7 +544,7 @@ def token_budgets(section: dict[str, Any]) -> dict[str, int]:
             train.append(ee.steps * ee.grad_accum * ee.batch_size * ee.seq_len)
             held_out.append(ee.eval_batches * ee.eval_batch_size * (ee.eval_seq_len + 1))
     for entry in section["models"].values():
-        if "pretrain" in entry:
+        if "pretrain" in entry and key in (None, "corpus"):
             p = {**PRETRAIN_DEFAULTS, **entry["pretrain"]}
             train.append(p["steps"] * p["batch_size"] * p["seq_len"])
     corpus = section["corpus"]
@@ -568,7 +571,7 @@ def tokenize_corpus(section: dict[str, Any], key: str, workdir: Path, workers: i
         corpus_mod.source_description(cfg),
         tokenizer_path,
         tokens_root(workdir) / key,
-        token_budgets(section),
+        token_budgets(section, key),
         workers=workers,
         docs_per_shard=section["corpus"].get("docs_per_shard", 4096),
     )

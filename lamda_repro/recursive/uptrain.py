@@ -26,6 +26,7 @@ from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combine
 from lamda_repro.resume import Preempted, SigtermFlag, last_complete, write_marker
 
 log = logging.getLogger("lamda_repro.recursive.uptrain")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -91,6 +92,13 @@ class UptrainConfig(TrainingSettings):
     checkpoint_every: int = field(
         default=0, metadata={"help": "steps between resumable checkpoints (0 = only on SIGTERM)"}
     )
+    parallel: str = field(
+        default="ddp",
+        metadata={
+            "help": "with several processes: ddp (a full replica each) or fsdp (the student's "
+            "parameters, gradients and optimizer state sharded over the processes)"
+        },
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every"):
@@ -100,6 +108,10 @@ class UptrainConfig(TrainingSettings):
         self.check_kd_loss()
         if not 0.0 <= self.kd_weight <= 1.0:
             raise DistillConfigError(f"uptrain.kd_weight must lie in [0, 1], got {self.kd_weight}")
+        if self.parallel not in PARALLEL_STRATEGIES:
+            raise DistillConfigError(
+                f"uptrain.parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise DistillConfigError(f"uptrain.precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -169,8 +181,9 @@ def train_causal_lm(
         raise DistillConfigError("kd_weight > 0 needs a teacher model")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params, optimizer, scheduler = adamw_with_schedule(model, cfg)
-    replica = wrap_data_parallel(model, device)  # the model itself in one process
+    replica = wrap_data_parallel(model, device, cfg.parallel)  # the model itself in one process
+    sharded = replica is not model and cfg.parallel == "fsdp"
+    params, optimizer, scheduler = adamw_with_schedule(replica, cfg)
     # bf16 autocast runs on CUDA only; elsewhere the run trains in fp32 and its stats say so.
     precision = "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"
     bf16 = precision == "bf16"
@@ -185,7 +198,7 @@ def train_causal_lm(
     if checkpointing is not None:
         found = last_complete(checkpointing.directory, checkpointing.digest)
         if found is not None:
-            state = _load_checkpoint(found[0], model, optimizer, scheduler, device)
+            state = _load_checkpoint(found[0], replica, optimizer, scheduler, device, sharded)
             first_step, losses, tokens = state["step"], state["losses"], state["tokens"]
             resumes, time_before = state["resumes"] + 1, state["train_time_s"]
             skip_consumed(batches, first_step * cfg.grad_accum)
@@ -223,11 +236,17 @@ def train_causal_lm(
                 state = {"step": step + 1, "losses": losses, "tokens": tokens, "resumes": resumes}
                 state["train_time_s"] = time_before + time.perf_counter() - start
                 state["position"] = (step + 1) * cfg.grad_accum * cfg.batch_size  # sequences read
+                weights, optim = training_state(replica, optimizer, sharded)  # all ranks: gathers
                 if parallel.is_main_process():
-                    _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
+                    _save_checkpoint(checkpointing, state, weights, optim, scheduler)
                 parallel.barrier()  # no rank goes on (or stops) before the checkpoint is complete
             if term:
                 raise Preempted(f"SIGTERM during {desc}: checkpoint at step {step + 1} written")
+    if sharded:  # the trained weights back into the unsharded model, on rank 0 (which evaluates)
+        full = gather_full_weights(replica)
+        if parallel.is_main_process():
+            model.load_state_dict(full)
+            model.to(device)
     model.eval()
     elapsed = time_before + time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :] if losses else []
@@ -244,21 +263,63 @@ def train_causal_lm(
     }
 
 
-def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` under DistributedDataParallel when several processes train (gradients averaged
-    over ranks after each backward), else ``model``; both share the parameters."""
+def wrap_data_parallel(model: nn.Module, device: torch.device, strategy: str = "ddp") -> nn.Module:
+    """What trains when several processes do; ``model`` itself in one process.
+
+    ddp: ``model`` under DistributedDataParallel (a full replica per process, gradients averaged
+    over ranks after each step's backward; the wrapper shares the model's parameters). fsdp: a
+    copy of ``model`` sharded by torch's fully_shard (one unit: parameters, gradients and AdamW
+    state split over the ranks, the whole model gathered for each forward and backward); the
+    unsharded model waits in CPU memory and gets the trained weights back at the end."""
     if not parallel.active():
         return model
+    if strategy == "fsdp":
+        import copy
+
+        from torch.distributed.fsdp import fully_shard
+
+        replica = copy.deepcopy(model)
+        model.to("cpu")
+        return fully_shard(replica)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def accumulating(replica: nn.Module, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP's no_sync)."""
+    """Skip the gradient reduction on all but the last micro-batch of a step (DDP's no_sync,
+    FSDP's requires_gradient_sync)."""
+    if hasattr(replica, "set_requires_gradient_sync"):
+        replica.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if last or not hasattr(replica, "no_sync"):
         return contextlib.nullcontext()
     return replica.no_sync()
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_full_weights(replica: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on rank 0 (every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(replica, options=_full_options())
+
+
+def training_state(replica: nn.Module, optimizer, sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights, optimizer state) to checkpoint: as they are, or gathered whole from the
+    shards (every rank must call it then; rank 0 receives them)."""
+    if not sharded:
+        return _trainable(getattr(replica, "module", replica)), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    trainable = {n for n, p in replica.named_parameters() if p.requires_grad}
+    weights = {n: t for n, t in gather_full_weights(replica).items() if n in trainable}
+    return weights, get_optimizer_state_dict(replica, optimizer, options=_full_options())
 
 
 def skip_consumed(batches: Iterator[torch.Tensor], count: int) -> None:
@@ -275,7 +336,7 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer, scheduler) -> None:
+def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], weights, optimizer_state, scheduler) -> None:
     """``checkpoint-<step>/``: trainable weights (safetensors), optimizer + scheduler + RNG states
     (tensors and plain containers, loaded with weights_only=True), the loop's state, and last the
     completeness marker; older checkpoints beyond ``keep`` are removed once it is written."""
@@ -290,14 +351,14 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
         shutil.rmtree(out)
     out.mkdir(parents=True)
     save_file(
-        {n: p.detach().cpu().contiguous().clone() for n, p in _trainable(model).items()},
+        {n: p.detach().cpu().contiguous().clone() for n, p in weights.items()},
         out / "trainable.safetensors",
     )
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
         out / "optim.pt",
     )
     (out / "state.json").write_text(json.dumps(state))
@@ -307,18 +368,33 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+def _load_checkpoint(
+    path: Path, replica, optimizer, scheduler, device, sharded: bool = False
+) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors", device=str(device))
-    params = _trainable(model)
-    if set(weights) != set(params):
+    model = getattr(replica, "module", replica)  # under DDP: the wrapped model
+    weights = load_file(path / "trainable.safetensors", device="cpu" if sharded else str(device))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
         raise DistillConfigError(f"checkpoint {path} does not hold this model's trainable weights")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    blob = torch.load(path / "optim.pt", map_location="cpu" if sharded else device, weights_only=True)
+    if sharded:  # each rank keeps its shard of the whole tensors saved
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(replica, weights, options=options)
+        set_optimizer_state_dict(replica, optimizer, blob["optimizer"], options=options)
+    else:
+        params = _trainable(model)
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["cpu"].cpu())
     if "cuda" in blob["rng"] and torch.cuda.is_available():

@@ -51,7 +51,9 @@ class TrainingSettings:
     config_error = DistillConfigError
 
     steps: int = field(default=100, metadata={"help": "optimizer steps; tokens = steps * batch * seq_len"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    batch_size: int = field(
+        default=8, metadata={"help": "sequences per micro-batch, over all processes (each reads its share)"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -174,8 +176,9 @@ def train_causal_lm(
     """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics.
 
     With ``checkpointing``, the loop resumes from the last complete checkpoint of its folder
-    (trainable weights, optimizer, scheduler, RNG states, losses; the batches already consumed are
-    read again and skipped), writes one every ``cfg.checkpoint_every`` steps, and on SIGTERM writes
+    (trainable weights, optimizer, scheduler, RNG states, losses; a token-shard loader moves to
+    its position in constant time, a plain iterator reads and skips the batches already consumed),
+    writes one every ``cfg.checkpoint_every`` steps, and on SIGTERM writes
     one and raises ``Preempted``."""
     if cfg.kd_weight > 0 and teacher is None:
         raise DistillConfigError("kd_weight > 0 needs a teacher model")

@@ -89,6 +89,7 @@ def enabled(env=None) -> bool:
     return (
         env.get(ENV_SWITCH) == "1"
         and env.get(ENV_WORKER) != "1"
+        and int(env.get("WORLD_SIZE", "1")) <= 1  # a torchrun process trains here, with its group
         and all(env.get(v) == "1" for v in OFFLINE_VARS)
         and hasattr(socket, "send_fds")
         and sys.platform.startswith("linux")

@@ -270,7 +270,7 @@ def test_cli_counts_command(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
-    from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model
+    from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model, tokenize_corpus
 
     section = resolve_section(
         {
@@ -302,6 +302,7 @@ def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
         }
     )
     prepare_corpus(section, tmp_path)
+    tokenize_corpus(section, "corpus", tmp_path)
     pretrain_model(section, "tiny", tmp_path, torch.device("cpu"))
     record = execute_run(section, "tiny--rrt", tmp_path, "cpu")
     assert record["status"] == "success", record.get("error")
@@ -323,7 +324,7 @@ def test_execute_run_end_to_end_writes_a_complete_record(tmp_path):
 
 @pytest.mark.slow
 def test_a_student_distils_from_its_teachers_saved_model(tmp_path):
-    from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model
+    from lamda_repro.recursive.runner import execute_run, prepare_corpus, pretrain_model, tokenize_corpus
 
     tiny = {
         "hidden_size": 32,
@@ -354,6 +355,7 @@ def test_a_student_distils_from_its_teachers_saved_model(tmp_path):
     }
     section = resolve_section(raw)
     prepare_corpus(section, tmp_path)
+    tokenize_corpus(section, "corpus", tmp_path)
     pretrain_model(section, "tiny", tmp_path, torch.device("cpu"))
     early = execute_run(section, "tiny--student", tmp_path, "cpu")
     assert early["status"] == "failed" and "teacher run tiny--teacher has no saved model" in early["error"]

@@ -85,6 +85,7 @@ def setup(tmp_path_factory):
     section = runner.resolve_section(SECTION)
     resolve_serving(section)
     runner.prepare_corpus(section, work)
+    runner.tokenize_corpus(section, "corpus", work)
     runner.pretrain_model(section, "tiny", work, runner.pick_device("cpu"))
     records = {}
     for rid in ("tiny--full", "tiny--rt", "tiny--rrt"):

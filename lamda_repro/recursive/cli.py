@@ -1,6 +1,8 @@
 """Command-line subcommands of the recursive stage (registered by ``add_cli``).
 
 recursive-corpus    write the smoke corpus, tokenizer and lm-eval tasks
+recursive-tokenize  tokenize the corpus once per tokenizer into token shards and a manifest
+recursive-data-bench  tokenize / loader throughput next to an H100's token consumption (estimate)
 recursive-pretrain  pretrain a tiny model of the config on the corpus
 recursive-run       one run (variant, uptraining, evaluation) -> one JSON record
 recursive-table     table (md/csv/tex) and figure from records
@@ -52,13 +54,62 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    from lamda_repro.recursive.runner import tokenize_corpus
+
+    section = load_section(args)
+    manifest = tokenize_corpus(section, args.tokens, Path(args.workdir), workers=args.workers)
+    summary = {
+        split: {k: v for k, v in entry.items() if k != "shards"}
+        for split, entry in manifest["splits"].items()
+    }
+    print(
+        json.dumps({"tokens": args.tokens, "tokenize_time_s": manifest["tokenize_time_s"], "splits": summary})
+    )
+    return 0
+
+
+def cmd_data_bench(args) -> int:
+    from lamda_repro.recursive import data_bench
+    from lamda_repro.results import hardware_info, write_json_atomic
+
+    texts = [p.strip() for f in args.text for p in Path(f).read_text().split("\n\n") if p.strip()]
+    texts = texts * args.repeat
+    result = {
+        "machine": hardware_info(),
+        "tokenize": [
+            data_bench.tokenize_rate(args.tokenizer, texts, w, args.docs_per_shard) for w in args.workers
+        ],
+        "loader": data_bench.loader_rate(
+            args.loader_tokens, args.shards, args.seq_len, args.batch_size, args.batches
+        ),
+        "h100_estimate_tokens_per_s": data_bench.h100_estimates(),
+        "h100_assumptions": {
+            "bf16_peak_flops": data_bench.H100_BF16_PEAK_FLOPS,
+            "mfu": data_bench.ASSUMED_MFU,
+            "context": data_bench.CONTEXT,
+            "models": data_bench.PAPER_MODELS,
+        },
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        write_json_atomic(args.out, result)
+    return 0
+
+
 def cmd_run(args) -> int:
+    from lamda_repro.recursive import parallel
     from lamda_repro.recursive.runner import execute_run
     from lamda_repro.resume import TRANSIENT_EXIT, is_transient, requeue_after_progress
 
     setup_threads(args)
+    parallel.init_from_env(args.device)  # several processes under torchrun: DDP uptraining
     try:
         record = execute_run(load_section(args), args.run, Path(args.workdir), args.device)
+        main = parallel.is_main_process()
+        parallel.shutdown()
+        if not main:
+            return 0  # rank 0 evaluates and writes the record
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -198,6 +249,30 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("recursive-corpus", help="write the smoke corpus, tokenizer and tasks")
     add_common_args(p)
     p.set_defaults(func=cmd_corpus)
+
+    p = subparsers.add_parser(
+        "recursive-tokenize", help="tokenize the corpus once per tokenizer into token shards + manifest"
+    )
+    add_common_args(p)
+    p.add_argument("--tokens", required=True, help="token set name (recursive.models' tokenizer key)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one shard each at a time)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = subparsers.add_parser(
+        "recursive-data-bench", help="tokenize and loader throughput, next to H100 consumption (estimate)"
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--text", nargs="+", required=True, help="text files (paragraphs = documents)")
+    p.add_argument("--repeat", type=int, default=1, help="read the documents this many times")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="tokenize worker counts")
+    p.add_argument("--docs-per-shard", type=int, default=2048)
+    p.add_argument("--loader-tokens", type=int, default=50_000_000, help="tokens of the synthetic token set")
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 16, 256, 1024])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--out", help="result JSON")
+    p.set_defaults(func=cmd_data_bench)
 
     p = subparsers.add_parser("recursive-pretrain", help="pretrain a tiny model on the corpus")
     add_common_args(p)

@@ -141,6 +141,37 @@ def write_smoke_corpus(
     return info
 
 
+def _split_files(corpus: dict[str, Any], base_dir: Path | None = None) -> dict[str, str]:
+    files = corpus.get("data_files")
+    if files is None:
+        root = Path(corpus["path"]) if "path" in corpus else base_dir
+        if root is None:
+            raise CorpusConfigError(
+                f"corpus of kind {corpus.get('kind', 'smoke')!r} needs 'path' or 'data_files'"
+            )
+        files = {s: str(Path(root) / f"{s}.jsonl") for s in ("train", "validation")}
+    return files
+
+
+def source_description(corpus: dict[str, Any]) -> dict[str, Any]:
+    """What a corpus entry reads, for a token manifest: local files with their SHA-256, or the
+    Hub data set, subset, split names and revision (``unpinned`` when the config names none)."""
+    import hashlib
+
+    if corpus.get("kind", "smoke") == "hub":
+        return {
+            "hub": corpus["name"],
+            "subset": corpus.get("subset"),
+            "splits": {s: corpus.get("splits", {}).get(s, s) for s in ("train", "validation")},
+            "revision": corpus.get("revision") or "unpinned (the Hub's default branch when read)",
+        }
+    files = {}
+    for split, path in sorted(_split_files(corpus).items()):
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else None
+        files[split] = {"path": str(path), "sha256": digest}
+    return {"files": files}
+
+
 def iter_texts(corpus: dict[str, Any], split: str, base_dir: Path | None = None) -> Iterator[str]:
     """Texts of a corpus split. ``corpus`` is the config entry:
 
@@ -153,18 +184,19 @@ def iter_texts(corpus: dict[str, Any], split: str, base_dir: Path | None = None)
     kind = corpus.get("kind", "smoke")
     field = corpus.get("text_field", "text")
     if kind in ("smoke", "files"):
-        files = corpus.get("data_files")
-        if files is None:
-            root = Path(corpus["path"]) if "path" in corpus else base_dir
-            if root is None:
-                raise CorpusConfigError(f"corpus of kind {kind!r} needs 'path' or 'data_files'")
-            files = {s: str(Path(root) / f"{s}.jsonl") for s in ("train", "validation")}
+        files = _split_files(corpus, base_dir)
         if split not in files:
             raise CorpusConfigError(f"corpus has no {split!r} split (has {sorted(files)})")
         data = load_dataset("json", data_files={split: files[split]}, split=split)
     elif kind == "hub":
         split_name = corpus.get("splits", {}).get(split, split)
-        data = load_dataset(corpus["name"], corpus.get("subset"), split=split_name, streaming=True)
+        data = load_dataset(
+            corpus["name"],
+            corpus.get("subset"),
+            split=split_name,
+            streaming=True,
+            revision=corpus.get("revision"),
+        )
     else:
         raise CorpusConfigError(f"corpus kind must be smoke, files or hub, got {kind!r}")
     for row in data:

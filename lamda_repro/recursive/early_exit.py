@@ -28,9 +28,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lamda_repro.recursive import parallel
 from lamda_repro.recursive.distill import KD_LOSSES, distillation_loss
 from lamda_repro.recursive.spec import RecursionSpec, RecursiveConfigError, decoder_layers, recursion_spec
-from lamda_repro.recursive.uptrain import TrainingSettings, adamw_with_schedule, next_batch, optimizer_step
+from lamda_repro.recursive.uptrain import (
+    TrainingSettings,
+    accumulating,
+    adamw_with_schedule,
+    next_batch,
+    optimizer_step,
+    wrap_data_parallel,
+)
 
 EXIT_RULES = ("confidence", "oracle")
 KV_POLICIES = ("copy_state", "copy_kv")
@@ -173,8 +181,11 @@ def loop_logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Ten
     return model.get_output_embeddings()(final_norm(model)(hidden))
 
 
-def loop_logits(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Logits after every loop (list of B tensors [batch, seq, vocab]), from one forward pass.
+def loop_logits(
+    model: nn.Module, input_ids: torch.Tensor, replica: nn.Module | None = None
+) -> list[torch.Tensor]:
+    """Logits after every loop (list of B tensors [batch, seq, vocab]), from one forward pass
+    (of ``replica``, the model's data-parallel wrapper, when given).
 
     Forward hooks keep the output of each loop's last position; the final entry equals the
     model's own logits.
@@ -191,7 +202,7 @@ def loop_logits(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]
 
     handles = [layers[p].register_forward_hook(keep(p)) for p in exit_positions(spec)]
     try:
-        model(input_ids=input_ids, use_cache=False)
+        (replica or model)(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -293,6 +304,8 @@ def train_early_exit(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     params, optimizer, scheduler = adamw_with_schedule(model, cfg)
+    replica = wrap_data_parallel(model, device)
+    world = parallel.rank_and_world()[1]
     model.train()
     losses: list[float] = []
     first_parts: dict[str, float] = {}
@@ -303,20 +316,23 @@ def train_early_exit(
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             input_ids = next_batch(batches, device, step, cfg)
-            loss, parts = early_exit_loss(
-                loop_logits(model, input_ids),
-                input_ids,
-                weights,
-                cfg.kd_weight,
-                cfg.kd_loss,
-                cfg.kd_temperature,
-            )
-            (loss / cfg.grad_accum).backward()
+            with accumulating(replica, last=micro == cfg.grad_accum - 1):
+                loss, parts = early_exit_loss(
+                    loop_logits(model, input_ids, replica),
+                    input_ids,
+                    weights,
+                    cfg.kd_weight,
+                    cfg.kd_loss,
+                    cfg.kd_temperature,
+                )
+                (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            tokens += input_ids.numel()
+            tokens += input_ids.numel() * world
         optimizer_step(params, optimizer, scheduler, cfg)
+        step_loss = parallel.mean_over_ranks(step_loss)
+        parts = {k: parallel.mean_over_ranks(v) for k, v in parts.items()}  # the last micro-batch's
         losses.append(step_loss)
         first_parts = first_parts or parts
         last_parts = parts

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from lamda_repro.recursive import corpus as corpus_mod
+from lamda_repro.recursive import parallel
 from lamda_repro.recursive.convert import (
     RecursiveConfigError,
     convert_to_recursive,
@@ -329,7 +331,11 @@ def find_run(section: dict[str, Any], rid: str) -> dict[str, Any]:
 def run_artifacts(section: dict[str, Any], rid: str, workdir: str | Path) -> list[str]:
     """Files a run needs before it starts (the workflow's inputs of the run job)."""
     run = find_run(section, rid)
-    return [str(corpus_dir(Path(workdir)) / "corpus.json"), *base_artifacts(section, run["model"], workdir)]
+    return [
+        str(corpus_dir(Path(workdir)) / "corpus.json"),
+        *base_artifacts(section, run["model"], workdir),
+        str(token_manifest(workdir, tokenizer_key(section, run["model"]))),
+    ]
 
 
 def base_artifacts(section: dict[str, Any], name: str, workdir: str | Path) -> list[str]:
@@ -431,6 +437,8 @@ def saved_model_dir(workdir: Path, rid: str) -> Path:
 
 
 def pick_device(device: str) -> torch.device:
+    if parallel.active() and torch.cuda.is_available() and device in ("auto", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -466,16 +474,131 @@ def _corpus_entry(section: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return cfg
 
 
-def train_batches(section, workdir, tokenizer, seq_len, batch_size, split="train"):
+# -- token shards (the tokenize stage's output; docs/recursive.md "Uptraining data") -------------
+
+
+def tokens_root(workdir: str | Path) -> Path:
+    return Path(workdir) / "recursive" / "tokens"
+
+
+def token_manifest(workdir: str | Path, key: str) -> Path:
+    from lamda_repro.recursive.shards import MANIFEST
+
+    return tokens_root(workdir) / key / MANIFEST
+
+
+def tokenizer_key(section: dict[str, Any], name: str) -> str:
+    """The name of model entry ``name``'s token set: models that load the same tokenizer share it
+    (a tiny model pretrained here uses the corpus's tokenizer: key ``corpus``)."""
+    entry = section["models"][name]
+    if "pretrain" in entry:
+        return "corpus"
+    source = entry.get("tokenizer") or entry.get("model") or entry["path"]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("_.") or "tokenizer"
+
+
+def tokenizer_keys(section: dict[str, Any]) -> list[str]:
+    """Every token set the section's runs and pretrained models read."""
+    names = {run["model"] for run in section["runs"]}
+    names |= {name for name, entry in section["models"].items() if "pretrain" in entry}
+    return sorted({tokenizer_key(section, name) for name in names})
+
+
+def tokenizer_owner(section: dict[str, Any], key: str) -> str:
+    """The first model entry whose tokenizer is token set ``key``'s."""
+    for name in sorted(section["models"]):
+        if tokenizer_key(section, name) == key:
+            return name
+    raise RecursiveRunError(f"no recursive.models entry uses token set {key!r}")
+
+
+def tokenize_inputs(section: dict[str, Any], key: str, workdir: str | Path) -> list[str]:
+    """Files the tokenize job of ``key`` needs: the corpus stage's output and the tokenizer's model."""
+    inputs = [str(corpus_dir(Path(workdir)) / "corpus.json")]
+    name = tokenizer_owner(section, key)
+    if key != "corpus" and "tokenizer" not in section["models"][name]:
+        inputs += base_artifacts(section, name, workdir)
+    return inputs
+
+
+def token_budgets(section: dict[str, Any], key: str | None = None) -> dict[str, int]:
+    """Tokens each split of token set ``key`` (None: any) must hold: training, what the largest
+    run that reads it (uptraining, early-exit post-training, pretraining here) reads, unless
+    ``corpus.train_tokens`` says otherwise; held out, what the largest perplexity or early-exit
+    sweep reads (``corpus.validation_tokens``)."""
+    from lamda_repro.recursive.early_exit import EarlyExitConfig
+
+    train = [0]
+    held_out = [0]
+    ev = section["eval"]
+    held_out.append(ev["ppl_batches"] * ev["ppl_batch_size"] * (ev["ppl_seq_len"] + 1))
+    for run in section["runs"]:
+        if key is not None and tokenizer_key(section, run["model"]) != key:
+            continue
+        cfg = uptrain_config(section, run)
+        if cfg is not None:
+            train.append(cfg.steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len)
+        if run.get("early_exit"):
+            overrides = run["early_exit"] if isinstance(run["early_exit"], dict) else {}
+            ee = EarlyExitConfig.from_dict({**(section.get("early_exit") or {}), **overrides})
+            train.append(ee.steps * ee.grad_accum * ee.batch_size * ee.seq_len)
+            held_out.append(ee.eval_batches * ee.eval_batch_size * (ee.eval_seq_len + 1))
+    for entry in section["models"].values():
+        if "pretrain" in entry and key in (None, "corpus"):
+            p = {**PRETRAIN_DEFAULTS, **entry["pretrain"]}
+            train.append(p["steps"] * p["batch_size"] * p["seq_len"])
+    corpus = section["corpus"]
+    return {
+        "train": int(corpus.get("train_tokens") or max(train) or 1),
+        "validation": int(corpus.get("validation_tokens") or max(held_out)),
+    }
+
+
+def tokenize_corpus(section: dict[str, Any], key: str, workdir: Path, workers: int = 1) -> dict[str, Any]:
+    """The tokenize stage for token set ``key``: shards + manifest under ``tokens/<key>/``."""
+    from lamda_repro.recursive.shard_writer import write_token_set
+
+    name = tokenizer_owner(section, key)
+    entry = section["models"][name]
+    if key == "corpus":
+        tokenizer_path = str(corpus_dir(workdir) / "tokenizer")
+    else:
+        tokenizer_path = entry.get("tokenizer") or base_model_path(section, name, workdir)
     cfg = _corpus_entry(section, workdir)
-    factory = lambda: corpus_mod.iter_texts(cfg, split)  # noqa: E731
-    return corpus_mod.batches(
-        factory(),
-        tokenizer,
+    return write_token_set(
+        section["corpus"],
+        lambda split: corpus_mod.iter_texts(cfg, split),
+        corpus_mod.source_description(cfg),
+        tokenizer_path,
+        tokens_root(workdir) / key,
+        token_budgets(section, key),
+        workers=workers,
+        docs_per_shard=section["corpus"].get("docs_per_shard", 4096),
+    )
+
+
+def train_batches(section, workdir, tokenizer, seq_len, batch_size, split="train"):
+    """Batches of ``split`` from the token set of ``tokenizer`` (found by its digest): training
+    batches in the seeded order of the section's seed, this rank's rows of every global batch
+    when torch.distributed runs several processes; held-out batches in order, one pass, whole."""
+    from lamda_repro.recursive.parallel import rank_and_world
+    from lamda_repro.recursive.shard_writer import corpus_digest
+    from lamda_repro.recursive.shards import SequenceLoader, TokenShards, find_token_set, tokenizer_digest
+
+    folder = find_token_set(
+        tokens_root(workdir), tokenizer_digest(tokenizer), corpus_digest(section["corpus"])
+    )
+    train = split == "train"
+    rank, world = rank_and_world() if train else (0, 1)
+    return SequenceLoader(
+        TokenShards(folder, split),
         seq_len,
         batch_size,
-        repeat=cfg["kind"] != "hub" and split == "train",
-        text_factory=factory,
+        seed=section["seed"],
+        shuffle=train,
+        repeat=train,
+        rank=rank,
+        world_size=world,
     )
 
 
@@ -679,11 +802,16 @@ def _corpus_digest(section: dict[str, Any], workdir: Path) -> str | None:
 
 def _input_digests(section: dict[str, Any], model: str, workdir: Path) -> dict[str, str]:
     """Digests of the files an uptraining run reads besides its spec: the local corpus (smoke
-    kind; a Hub or file corpus is named in the spec) and the base model's folder (a Hub id is
-    named in the spec). Part of the run's identity: its checkpoints resume only the same inputs."""
+    kind; a Hub or file corpus is named in the spec), the token shards' manifest and the base
+    model's folder (a Hub id is named in the spec). Part of the run's identity: its checkpoints
+    resume only the same inputs."""
     from lamda_repro.resume import folder_digest
 
     inputs = {"corpus": _corpus_digest(section, workdir)}
+    manifest = token_manifest(workdir, tokenizer_key(section, model))
+    if manifest.is_file():  # the token shards it trains on (their digests; not the clock readings)
+        listed = {k: v for k, v in json.loads(manifest.read_text()).items() if not k.endswith("_time_s")}
+        inputs["tokens"] = hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
     base = Path(base_model_path(section, model, workdir))
     if base.is_dir():
         inputs["model"] = folder_digest(base)
@@ -741,6 +869,8 @@ def _fill_record(record, section, run, up_cfg, workdir, device, sigterm=None) ->
         record["resume"] = {"resumed": stats["resumed"], "from_step": stats["resumed_from_step"]}
         record["tokens_seen"] = stats["tokens"]
         record["throughput"]["train_tokens_per_s"] = stats["train_tokens_per_s"]
+        if not parallel.is_main_process():
+            return  # rank 0 alone evaluates, saves and writes the record
     del base
     include = str(corpus_dir(workdir) / "tasks") if section["corpus"]["kind"] == "smoke" else None
     scores = lm_eval_accuracy(

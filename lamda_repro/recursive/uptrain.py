@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lamda_repro.recursive import parallel
 from lamda_repro.recursive.distill import KD_LOSSES, DistillConfigError, combined_loss, distillation_loss
 from lamda_repro.resume import (
     Preempted,
@@ -35,6 +36,7 @@ from lamda_repro.resume import (
 )
 
 log = logging.getLogger("lamda_repro.recursive.uptrain")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -64,7 +66,9 @@ class TrainingSettings:
     config_error = DistillConfigError
 
     steps: int = field(default=100, metadata={"help": "optimizer steps; tokens = steps * batch * seq_len"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    batch_size: int = field(
+        default=8, metadata={"help": "sequences per micro-batch, over all processes (each reads its share)"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -105,6 +109,13 @@ class UptrainConfig(TrainingSettings):
     checkpoint_every: int = field(
         default=0, metadata={"help": "steps between resumable checkpoints (0 = only on SIGTERM)"}
     )
+    parallel: str = field(
+        default="ddp",
+        metadata={
+            "help": "with several processes: ddp (a full replica each) or fsdp (the student's "
+            "parameters, gradients and optimizer state sharded over the processes)"
+        },
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every"):
@@ -114,6 +125,10 @@ class UptrainConfig(TrainingSettings):
         self.check_kd_loss()
         if not 0.0 <= self.kd_weight <= 1.0:
             raise DistillConfigError(f"uptrain.kd_weight must lie in [0, 1], got {self.kd_weight}")
+        if self.parallel not in PARALLEL_STRATEGIES:
+            raise DistillConfigError(
+                f"uptrain.parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise DistillConfigError(f"uptrain.precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -176,14 +191,17 @@ def train_causal_lm(
     """Train ``model`` in place for ``cfg.steps`` steps on ``batches``; return training statistics.
 
     With ``checkpointing``, the loop resumes from the last complete checkpoint of its folder
-    (trainable weights, optimizer, scheduler, RNG states, losses; the batches already consumed are
-    read again and skipped), writes one every ``cfg.checkpoint_every`` steps, and on SIGTERM writes
+    (trainable weights, optimizer, scheduler, RNG states, losses; a token-shard loader moves to
+    its position in constant time, a plain iterator reads and skips the batches already consumed),
+    writes one every ``cfg.checkpoint_every`` steps, and on SIGTERM writes
     one and raises ``Preempted``."""
     if cfg.kd_weight > 0 and teacher is None:
         raise DistillConfigError("kd_weight > 0 needs a teacher model")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params, optimizer, scheduler = adamw_with_schedule(model, cfg)
+    replica = wrap_data_parallel(model, device, cfg.parallel)  # the model itself in one process
+    sharded = replica is not model and cfg.parallel == "fsdp"
+    params, optimizer, scheduler = adamw_with_schedule(replica, cfg)
     # bf16 autocast runs on CUDA only; elsewhere the run trains in fp32 and its stats say so.
     precision = "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"
     bf16 = precision == "bf16"
@@ -194,51 +212,62 @@ def train_causal_lm(
     losses: list[float] = []
     tokens = 0
     first_step, resumes, time_before = 0, 0, 0.0
+    world = parallel.rank_and_world()[1]
     if checkpointing is not None:
-        found = _resume(checkpointing, model, optimizer, scheduler, device)
+        found = _resume(checkpointing, replica, optimizer, scheduler, device, sharded)
         if found is not None:
             state = found[1]
             first_step, losses, tokens = state["step"], state["losses"], state["tokens"]
             resumes, time_before = state["resumes"] + 1, state["train_time_s"]
-            for _ in range(first_step * cfg.grad_accum):  # the batches those steps consumed
-                next(batches)
+            skip_consumed(batches, first_step * cfg.grad_accum)
             log.info("resuming %s from %s (step %d, resume %d)", desc, found[0], first_step, resumes)
     start = time.perf_counter()
     bar = tqdm(range(first_step, cfg.steps), desc=desc, mininterval=1.0, disable=cfg.steps == 0)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             input_ids = next_batch(batches, device, step, cfg)
-            with autocast:
-                logits = model(input_ids=input_ids).logits
-                lm = causal_lm_loss(logits, input_ids)
-                kd = None
-                if cfg.kd_weight > 0:
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=input_ids).logits
-                    kd = distillation_loss(logits, teacher_logits, cfg.kd_loss, cfg.kd_temperature)
-                loss = combined_loss(lm, kd, cfg.kd_weight) / cfg.grad_accum
-            loss.backward()
+            with accumulating(replica, last=micro == cfg.grad_accum - 1):
+                with autocast:
+                    logits = replica(input_ids=input_ids).logits
+                    lm = causal_lm_loss(logits, input_ids)
+                    kd = None
+                    if cfg.kd_weight > 0:
+                        with torch.no_grad():
+                            teacher_logits = teacher(input_ids=input_ids).logits
+                        kd = distillation_loss(logits, teacher_logits, cfg.kd_loss, cfg.kd_temperature)
+                    loss = combined_loss(lm, kd, cfg.kd_weight) / cfg.grad_accum
+                loss.backward()
             step_loss += loss.item()
-            tokens += input_ids.numel()
+            tokens += input_ids.numel() * world
         optimizer_step(params, optimizer, scheduler, cfg)
+        step_loss = parallel.mean_over_ranks(step_loss)
         losses.append(step_loss)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         if checkpointing is not None:
-            term = checkpointing.sigterm is not None and checkpointing.sigterm.received
+            term = parallel.any_rank(checkpointing.sigterm is not None and checkpointing.sigterm.received)
             due = cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
             if term or due:
                 state = {"step": step + 1, "losses": losses, "tokens": tokens, "resumes": resumes}
                 state["train_time_s"] = time_before + time.perf_counter() - start
-                _save_checkpoint(checkpointing, state, model, optimizer, scheduler)
+                state["position"] = (step + 1) * cfg.grad_accum * cfg.batch_size  # sequences read
+                weights, optim = training_state(replica, optimizer, sharded)  # all ranks: gathers
+                if parallel.is_main_process():
+                    _save_checkpoint(checkpointing, state, weights, optim, scheduler)
+                parallel.barrier()  # no rank goes on (or stops) before the checkpoint is complete
             if term:
                 raise Preempted(
                     f"SIGTERM during {desc}: checkpoint at step {step + 1} written",
                     progressed=step + 1 > first_step,
                 )
+    if sharded:  # the trained weights back into the unsharded model, on rank 0 (which evaluates)
+        full = gather_full_weights(replica)
+        if parallel.is_main_process():
+            model.load_state_dict(full)
+            model.to(device)
     model.eval()
     elapsed = time_before + time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :] if losses else []
@@ -255,11 +284,80 @@ def train_causal_lm(
     }
 
 
+def wrap_data_parallel(model: nn.Module, device: torch.device, strategy: str = "ddp") -> nn.Module:
+    """What trains when several processes do; ``model`` itself in one process.
+
+    ddp: ``model`` under DistributedDataParallel (a full replica per process, gradients averaged
+    over ranks after each step's backward; the wrapper shares the model's parameters). fsdp: a
+    copy of ``model`` sharded by torch's fully_shard (one unit: parameters, gradients and AdamW
+    state split over the ranks, the whole model gathered for each forward and backward); the
+    unsharded model waits in CPU memory and gets the trained weights back at the end."""
+    if not parallel.active():
+        return model
+    if strategy == "fsdp":
+        import copy
+
+        from torch.distributed.fsdp import fully_shard
+
+        replica = copy.deepcopy(model)
+        model.to("cpu")
+        return fully_shard(replica)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def accumulating(replica: nn.Module, last: bool):
+    """Skip the gradient reduction on all but the last micro-batch of a step (DDP's no_sync,
+    FSDP's requires_gradient_sync)."""
+    if hasattr(replica, "set_requires_gradient_sync"):
+        replica.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if last or not hasattr(replica, "no_sync"):
+        return contextlib.nullcontext()
+    return replica.no_sync()
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_full_weights(replica: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on rank 0 (every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(replica, options=_full_options())
+
+
+def training_state(replica: nn.Module, optimizer, sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights, optimizer state) to checkpoint: as they are, or gathered whole from the
+    shards (every rank must call it then; rank 0 receives them)."""
+    if not sharded:
+        return _trainable(getattr(replica, "module", replica)), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    trainable = {n for n, p in replica.named_parameters() if p.requires_grad}
+    weights = {n: t for n, t in gather_full_weights(replica).items() if n in trainable}
+    return weights, get_optimizer_state_dict(replica, optimizer, options=_full_options())
+
+
+def skip_consumed(batches: Iterator[torch.Tensor], count: int) -> None:
+    """Move ``batches`` past the ``count`` batches a resumed run had consumed: in constant time for
+    a loader with a position (token shards), by reading them for a plain iterator."""
+    if hasattr(batches, "skip"):
+        batches.skip(count)
+        return
+    for _ in range(count):
+        next(batches)
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer, scheduler) -> None:
+def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], weights, optimizer_state, scheduler) -> None:
     """``checkpoint-<step>/``: trainable weights (safetensors), optimizer + scheduler + RNG states
     (tensors and plain containers, loaded with weights_only=True), the loop's state, and last the
     completeness marker; older checkpoints beyond ``keep`` are removed once it is written."""
@@ -272,14 +370,14 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
         remove_checkpoint(out, ck.folder)
     out.mkdir(parents=True)
     save_file(
-        {n: p.detach().cpu().contiguous().clone() for n, p in _trainable(model).items()},
+        {n: p.detach().cpu().contiguous().clone() for n, p in weights.items()},
         out / "trainable.safetensors",
     )
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
         out / "optim.pt",
     )
     (out / "state.json").write_text(json.dumps(state))
@@ -288,12 +386,15 @@ def _save_checkpoint(ck: Checkpointing, state: dict[str, Any], model, optimizer,
     rotate_checkpoints(ck.folder, ck.keep)
 
 
-def _resume(ck: Checkpointing, model, optimizer, scheduler, device) -> tuple[Path, dict[str, Any]] | None:
+def _resume(
+    ck: Checkpointing, replica, optimizer, scheduler, device, sharded: bool = False
+) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest complete checkpoint of the run that loads; one that fails to load is set
-    aside (logged) for the previous one, and without any the run starts afresh."""
+    aside (logged; by the main process alone, the others go on to the previous one too) for the
+    previous one, and without any the run starts afresh."""
     for path, _marker in complete_checkpoints(ck.folder, ck.digest):
         try:
-            return path, _load_checkpoint(path, model, optimizer, scheduler, device)
+            return path, _load_checkpoint(path, replica, optimizer, scheduler, device, sharded)
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -304,25 +405,41 @@ def _resume(ck: Checkpointing, model, optimizer, scheduler, device) -> tuple[Pat
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",
             )
-            set_aside(path, "it could not be loaded")
+            if parallel.is_main_process():
+                set_aside(path, "it could not be loaded")
     return None
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+def _load_checkpoint(
+    path: Path, replica, optimizer, scheduler, device, sharded: bool = False
+) -> dict[str, Any]:
     """Read every file of the checkpoint first, then apply them (a file that fails to load
     leaves the model, optimizer and RNG as they were)."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors", device=str(device))
-    params = _trainable(model)
-    if set(weights) != set(params):
+    model = getattr(replica, "module", replica)  # under DDP: the wrapped model
+    weights = load_file(path / "trainable.safetensors", device="cpu" if sharded else str(device))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
         raise DistillConfigError(f"checkpoint {path} does not hold this model's trainable weights")
-    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
+    blob = torch.load(path / "optim.pt", map_location="cpu" if sharded else device, weights_only=True)
     state = json.loads((path / "state.json").read_text())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded:  # each rank keeps its shard of the whole tensors saved
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(replica, weights, options=options)
+        set_optimizer_state_dict(replica, optimizer, blob["optimizer"], options=options)
+    else:
+        params = _trainable(model)
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["cpu"].cpu())
     if "cuda" in blob["rng"] and torch.cuda.is_available():

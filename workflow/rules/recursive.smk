@@ -9,6 +9,8 @@ from lamda_repro.recursive.runner import (
     resolve_section,
     run_artifacts,
     run_job_inputs,
+    token_manifest,
+    tokenize_inputs,
 )
 from lamda_repro.recursive.runner import run_id as recursive_run_id
 
@@ -25,6 +27,7 @@ REC_RUNS = {recursive_run_id(run): run for run in REC["runs"]} if REC else {}
 
 wildcard_constraints:
     rec_run=r"[^/]+",
+    rec_tokens=r"[^/]+",
     rec_model=r"[^/]+",
 
 
@@ -54,9 +57,34 @@ rule recursive_corpus:
         " --workdir {params.workdir:q} > {log:q} 2>&1"
 
 
+# The tokenize stage (docs/recursive.md, "Uptraining data"): the corpus read once per tokenizer into
+# token shards + manifest, shared by every run whose model loads that tokenizer. A CPU job.
+rule recursive_tokenize:
+    input:
+        lambda w: tokenize_inputs(REC, w.rec_tokens, WORKDIR),
+    output:
+        f"{WORKDIR}/recursive/tokens/{{rec_tokens}}/manifest.json",
+    params:
+        section=REC_JSON,
+        workdir=lambda w, output: Path(output[0]).parents[3],
+        online="" if CFG.get("offline", True) else "--online",
+    threads: (REC["corpus"].get("tokenize_workers") if REC else None) or max(1, CFG["threads"])
+    resources:
+        **job_resources(CFG, "recursive_tokenize"),
+    log:
+        f"{LOGS}/recursive/tokenize/{{rec_tokens}}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "lamda-repro {params.online:q} recursive-tokenize --section-json {params.section:q}"
+        " --tokens {wildcards.rec_tokens:q} --workdir {params.workdir:q}"
+        " --workers {threads:q} > {log:q} 2>&1"
+
+
 rule recursive_pretrain:
     input:
         f"{WORKDIR}/recursive/corpus/corpus.json",
+        str(token_manifest(WORKDIR, "corpus")),
     output:
         f"{WORKDIR}/recursive/models/{{rec_model}}/model.safetensors",
     params:

@@ -43,11 +43,17 @@ def _reference(path):
 
 
 def cmd_early_exit(args) -> int:
+    from lamda_repro.recursive import parallel
     from lamda_repro.recursive.serving.jobs import execute_early_exit
 
     section = _section(args)
     setup_threads(args)
+    parallel.init_from_env(args.device)  # several processes under torchrun: DDP post-training
     record = execute_early_exit(section, args.run, Path(args.workdir), args.source_record, args.device)
+    main = parallel.is_main_process()
+    parallel.shutdown()
+    if not main:
+        return 0  # rank 0 evaluates and writes the record
     return write_job_record(args, record, record["run_id"])
 
 

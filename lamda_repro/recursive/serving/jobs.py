@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lamda_repro.recursive import runner
+from lamda_repro.recursive import parallel, runner
 from lamda_repro.recursive.counts import model_non_embedding_parameters, weight_bytes
 from lamda_repro.recursive.early_exit import loop_spec, mean_loops, train_early_exit
 from lamda_repro.recursive.serving.config import (
@@ -128,6 +128,8 @@ def execute_early_exit(
         record["train"] = train_early_exit(
             model, batches, cfg, seed=section["seed"], desc=f"early exit {rid}"
         )
+        if not parallel.is_main_process():
+            return  # rank 0 alone sweeps, evaluates and saves
         settings = [("none", None), ("oracle", None), *[("confidence", t) for t in cfg.thresholds]]
         sweep = []
         for rule, threshold in settings:

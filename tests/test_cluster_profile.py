@@ -168,6 +168,7 @@ def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_pat
         "gpus": 4,
         "nodes": 2,
     }
+    cfg["recursive"]["launch"] = {"gpus": 4, "nodes": 2}  # every uptraining job on 2 nodes x 4 GPUs
     (tmp_path / "paper4.yaml").write_text(yaml.safe_dump(cfg))
     proc = _dry_run("-p", "--profile", "slurm", "--configfile", str(tmp_path / "paper4.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -203,4 +204,16 @@ def test_several_gpus_start_the_run_with_torchrun_and_ask_slurm_for_them(tmp_pat
         for c in e2e
     )
     assert all(c.startswith("lamda-repro run") for c in commands if c not in gsm8k + e2e)
+    uptraining = [res for rule, res in _jobs(text) if rule == "recursive_run"]
+    assert uptraining and all(
+        res["nodes"] == "2" and res["gres"] == "gpu:4" and res["tasks"] == "2" and res["mpi"] == "srun"
+        for res in uptraining
+    )
+    rec_commands = re.findall(r"^Shell command:(.*lamda-repro (?:--online )?recursive-run .*)$", text, re.M)
+    assert len(rec_commands) == len(uptraining)
+    assert all(
+        c.strip().startswith("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=")
+        and "--nproc-per-node=4" in c
+        for c in rec_commands
+    )
     assert all('"distributed": "fsdp", ' in c and '"gpus": 4' in c for c in gsm8k)

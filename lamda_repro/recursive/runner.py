@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "models": {},
     "uptrain": {},
+    "launch": {"gpus": 1, "nodes": 1},
     "budgets": {},
     "eval": {
         "tasks": list(corpus_mod.SMOKE_TASKS),

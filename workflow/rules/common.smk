@@ -94,6 +94,18 @@ def finetune_resources():
     return res
 
 
+def recursive_run_resources():
+    """Cluster resources of the recursive_run rule: a GPU job asks for `recursive.launch.gpus` on
+    `recursive.launch.nodes` nodes (the same request as a fine-tuning run of that size)."""
+    res = job_resources(CFG, "recursive_run")
+    launch = (REC or {}).get("launch", {})
+    if res["gpu"]:
+        res["gpu"] = int(launch.get("gpus", 1))
+        if run_nodes(launch) > 1:
+            res.update(multinode_resources(res, lambda w: launch))
+    return res
+
+
 def data_files(name):
     return [f"{WORKDIR}/data/{name}/train.jsonl", f"{WORKDIR}/data/{name}/validation.jsonl"]
 

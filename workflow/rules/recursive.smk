@@ -115,15 +115,20 @@ rule recursive_run:
         workdir=lambda w, input: Path(input[0]).parents[2],
         device=CFG["device"],
         online="" if CFG.get("offline", True) else "--online",
+        launcher=launcher(
+            REC["launch"] if REC else {},
+            CFG["device"],
+            job_resources(CFG, "recursive_run").get("cpus_per_gpu", 8),
+        ),
     threads: max(1, CFG["threads"])
     resources:
-        **job_resources(CFG, "recursive_run"),
+        **recursive_run_resources(),
     log:
         f"{LOGS}/recursive/run/{{rec_run}}.log",
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro {params.online:q} recursive-run --section-json {params.section:q}"
+        "{params.launcher} lamda-repro {params.online:q} recursive-run --section-json {params.section:q}"
         " --run {wildcards.rec_run:q} --out {output:q} --workdir {params.workdir:q} --device {params.device:q}"
         " --threads {threads:q} --keep-going > {log:q} 2>&1"
 

@@ -47,6 +47,13 @@ def _shell_commands(path: Path) -> list[tuple[str, str]]:
     return [(r, " ".join(b)) for r, b in out]
 
 
+# The one placeholder that is shell text on purpose: the torchrun / srun launcher, which must
+# expand "$SLURM_JOB_ID" and the allocation's first node on the compute node. It is built by
+# lamda_repro.cluster.launcher from integers (GPUs, nodes, CPUs) and fixed text only, so no name of
+# the config reaches it (test_the_launcher_takes_only_integers_from_the_config).
+SHELL_TEXT = {"params.launcher"}
+
+
 def test_every_placeholder_of_every_shell_command_is_quoted():
     commands = [(f.name, rule, cmd) for f in RULE_FILES for rule, cmd in _shell_commands(f)]
     shells = sum(len(re.findall(r"^\s+shell:", f.read_text(), re.M)) for f in RULE_FILES)
@@ -55,9 +62,20 @@ def test_every_placeholder_of_every_shell_command_is_quoted():
         f"{name}:{rule}: {{{ph}}}"
         for name, rule, cmd in commands
         for ph in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", cmd)
-        if not ph.endswith(":q")
+        if not ph.endswith(":q") and ph not in SHELL_TEXT
     ]
     assert not unquoted, unquoted
+
+
+def test_the_launcher_takes_only_integers_from_the_config():
+    from lamda_repro.cluster import launcher
+
+    for hostile in HOSTILE:
+        for training in ({"gpus": hostile, "nodes": 2}, {"gpus": 4, "nodes": hostile}):
+            with pytest.raises((ValueError, TypeError)):
+                launcher(training, "cuda")
+    line = launcher({"gpus": 4, "nodes": 2}, "cuda", cpus_per_gpu=8)
+    assert "$(scontrol show hostnames" in line and '"$SLURM_JOB_ID"' in line
 
 
 def test_the_placeholder_check_sees_an_unquoted_one(tmp_path):

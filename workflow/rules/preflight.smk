@@ -3,7 +3,6 @@
 # token, plus codecs, converters, disk and CUDA, before any training job starts. It runs where
 # Snakemake runs (login node: internet, the user's token). `--config preflight=false` skips it.
 # The smoke config is offline: no preflight job.
-import shlex
 
 # ancient(): a later preflight (the marker rewritten) never makes the finished jobs outdated.
 PREFLIGHT_MARKER = f"{WORKDIR}/preflight/ok.txt"
@@ -14,11 +13,11 @@ rule preflight:
     output:
         PREFLIGHT_MARKER,
     params:
-        configs=" ".join(shlex.quote(str(f)) for f in workflow.configfiles),
+        configs=lambda w: [str(f) for f in workflow.configfiles],
     log:
         f"{LOGS}/preflight.log",
     localrule: True
     conda:
         "../../environment.yml"
     shell:
-        "lamda-repro preflight {params.configs} > {log:q} 2>&1 && cp {log:q} {output:q}"
+        "lamda-repro preflight {params.configs:q} > {log:q} 2>&1 && cp {log:q} {output:q}"

@@ -90,7 +90,10 @@ def test_smoke_run_writes_tables_figures_claims_and_report(smoke_run):
     throughput_row = next(
         line for line in (res / "claims.md").read_text().splitlines() if "cdb_early_exit" in line
     )
-    assert "not yet run" not in throughput_row and "smoke (measured)" in throughput_row
+    # the ledger reads the paper-geometry roofline rows (issue: serving against the roofline); the
+    # smoke models' measurement with the real engine stands beside them
+    assert "not yet run" not in throughput_row and "paper (roofline estimate)" in throughput_row
+    assert "measured with the real engine (smoke models" in throughput_row
     proc = snakemake(smoke_run, "--report", "results/report.html")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (res / "report.html").stat().st_size > 10_000

@@ -194,7 +194,7 @@ def test_smoke_grid_through_slurm(slurm, tmp_path):
         deadline = time.monotonic() + 480  # generous: a loaded machine starts jobs slowly
 
         def checkpointed():
-            return any(ckpts.glob("checkpoint-*/checkpoint_complete.json"))
+            return any(ckpts.glob("id-*/checkpoint-*/checkpoint_complete.json"))  # its identity's folder
 
         while not checkpointed() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
